@@ -1,0 +1,5 @@
+"""The version of aiproxy, kept in one place."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

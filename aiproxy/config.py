@@ -1,0 +1,313 @@
+"""
+One frozen, validated configuration, merged from flags, the environment and ``.env``.
+
+Every setting is an attribute of :class:`Config` whose metadata names its environment
+variable, its command-line flag and its help text, so the option parser, the ``--help``
+output and the README table all come from this one place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import attrs
+from twisted.logger import LogLevel
+
+from aiproxy.target import Target, TargetError, parse_target
+
+__all__ = ["Config", "ConfigError", "Setting", "load_config", "settings"]
+
+
+class ConfigError(ValueError):
+    """A setting has a value aiproxy cannot use; the message names the setting."""
+
+
+@attrs.frozen
+class Setting:
+    """How one :class:`Config` attribute is named, parsed and described."""
+
+    attribute: str
+    env: str
+    flag: str
+    help: str
+    parse: Callable[[str], Any]
+    default: Any
+
+    @property
+    def label(self) -> str:
+        """The names a user knows this setting by, for error messages."""
+        return f"{self.env} (--{self.flag})"
+
+    def show_default(self) -> str:
+        """The default as it would be written in the environment."""
+        return format_value(self.default)
+
+
+def format_value(value: object) -> str:
+    """Write a setting's value the way the environment spells it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return json.dumps(list(value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def parse_bool(text: str) -> bool:
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off`` in any case."""
+    word = text.strip().lower()
+    if word in {"1", "true", "yes", "on"}:
+        return True
+    if word in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{text!r} is not a boolean (use true or false)")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """A JSON list of strings (``["a", "b"]``) or a comma-separated list (``a,b``)."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{text!r} is not a JSON list: {e.msg}") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ValueError(f"{text!r} is not a list of strings")
+        return tuple(items)
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def parse_int(text: str) -> int:
+    """A whole number."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+
+
+def parse_float(text: str) -> float:
+    """A number, such as ``300`` or ``0.5``."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text!r} is not a finite number")
+    return value
+
+
+LOG_LEVELS: Mapping[str, LogLevel] = {
+    "DEBUG": LogLevel.debug,
+    "INFO": LogLevel.info,
+    "WARNING": LogLevel.warn,
+    "WARN": LogLevel.warn,
+    "ERROR": LogLevel.error,
+    "CRITICAL": LogLevel.critical,
+}
+
+
+def parse_log_level(text: str) -> str:
+    """A Python logging level name, in any case; ``WARN`` means ``WARNING``."""
+    name = text.strip().upper()
+    if name not in LOG_LEVELS:
+        raise ValueError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return "WARNING" if name == "WARN" else name
+
+
+def _setting(
+    default: Any,
+    env: str,
+    flag: str,
+    help: str,
+    parse: Callable[[str], Any],
+    validator: Callable[[Any, attrs.Attribute[Any], Any], None] | None = None,
+) -> Any:
+    return attrs.field(
+        default=default,
+        validator=validator,
+        metadata={"setting": Setting("", env, flag, help, parse, default)},
+    )
+
+
+def _setting_of(attribute: attrs.Attribute[Any]) -> Setting:
+    setting: Setting = attribute.metadata["setting"]
+    return attrs.evolve(setting, attribute=attribute.name)
+
+
+def _at_least(minimum: float, *, strict: bool = False) -> Callable[[Any, Any, Any], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+        if value < minimum or (strict and value == minimum):
+            bound = "greater than" if strict else "at least"
+            raise ConfigError(
+                f"{_setting_of(attribute).label}: must be {bound} {minimum:g},"
+                f" got {format_value(value)}"
+            )
+
+    return check
+
+
+def _valid_target(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    try:
+        parse_target(value)
+    except TargetError as e:
+        raise ConfigError(f"{_setting_of(attribute).label}: {e}") from None
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """
+    Everything aiproxy can be told, with the product's documented defaults.
+
+    Build it with :func:`load_config` to merge flags, environment and ``.env``, or
+    directly (``Config(target_url="http://127.0.0.1:9000")``) when embedding.
+    """
+
+    target_url: str = _setting(
+        "https://ai.megallm.io",
+        "TARGET_URL",
+        "target",
+        "Upstream base URL (http or https, may end in a path prefix)",
+        str,
+        _valid_target,
+    )
+    host: str = _setting("0.0.0.0", "HOST", "host", "Interface of the default listener", str)
+    port: int = _setting(
+        8080,
+        "PORT",
+        "listen-port",
+        "TCP port of the default listener",
+        parse_int,
+        _at_least(0),
+    )
+    request_timeout: float = _setting(
+        300.0,
+        "REQUEST_TIMEOUT",
+        "request-timeout",
+        "Seconds to wait for the upstream's response headers (then 504)",
+        parse_float,
+        _at_least(0, strict=True),
+    )
+    connect_timeout: float = _setting(
+        10.0,
+        "CONNECT_TIMEOUT",
+        "connect-timeout",
+        "Seconds to wait for a TCP and TLS connection to the upstream (then 502)",
+        parse_float,
+        _at_least(0, strict=True),
+    )
+    log_level: str = _setting(
+        "INFO",
+        "LOG_LEVEL",
+        "log-level",
+        "DEBUG, INFO, WARNING, ERROR or CRITICAL",
+        parse_log_level,
+    )
+    max_workers: int = _setting(
+        1,
+        "MAX_WORKERS",
+        "workers",
+        "Worker processes (parsed; not yet acted on)",
+        parse_int,
+        _at_least(1),
+    )
+    enable_cors: bool = _setting(
+        True, "ENABLE_CORS", "enable-cors", "Answer CORS (parsed; not yet acted on)", parse_bool
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        ("*",), "CORS_ORIGINS", "cors-origins", "Allowed CORS origins", parse_list
+    )
+    cors_methods: tuple[str, ...] = _setting(
+        ("*",), "CORS_METHODS", "cors-methods", "Allowed CORS methods", parse_list
+    )
+    cors_headers: tuple[str, ...] = _setting(
+        ("*",), "CORS_HEADERS", "cors-headers", "Allowed CORS request headers", parse_list
+    )
+    proxy_buffer_size: int = _setting(
+        8192,
+        "PROXY_BUFFER_SIZE",
+        "buffer-size",
+        "Largest single read of a buffered request body, in bytes",
+        parse_int,
+        _at_least(1),
+    )
+    max_retries: int = _setting(
+        3,
+        "MAX_RETRIES",
+        "max-retries",
+        "Upstream connection retries (parsed; not yet acted on)",
+        parse_int,
+        _at_least(0),
+    )
+    retry_backoff_factor: float = _setting(
+        0.5,
+        "RETRY_BACKOFF_FACTOR",
+        "retry-backoff-factor",
+        "Retry backoff multiplier in seconds (parsed; not yet acted on)",
+        parse_float,
+        _at_least(0),
+    )
+    ssl_verify: bool = _setting(
+        True, "SSL_VERIFY", "ssl-verify", "Verify the upstream's TLS certificate", parse_bool
+    )
+    listen: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""
+
+    @property
+    def target(self) -> Target:
+        """The upstream, parsed."""
+        return parse_target(self.target_url)
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The endpoint strings to listen on."""
+        if self.listen:
+            return self.listen
+        host = self.host.replace(":", "\\:")
+        return (f"tcp:{self.port}:interface={host}",)
+
+    @property
+    def twisted_log_level(self) -> LogLevel:
+        """``log_level`` as a :class:`twisted.logger.LogLevel`."""
+        return LOG_LEVELS[self.log_level]
+
+
+def settings() -> Iterator[Setting]:
+    """Every setting, in the order ``--help`` and the README list them."""
+    for attribute in attrs.fields(Config):
+        if "setting" in attribute.metadata:
+            yield _setting_of(attribute)
+
+
+def load_config(
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str],
+    dotenv: Mapping[str, str | None],
+    listen: tuple[str, ...] = (),
+) -> Config:
+    """
+    Merge the sources, first found wins: flag, environment, ``.env``, default.
+
+    @param flags: command-line values by attribute name; L{None} means not given.
+    @param environ: the process environment.
+    @param dotenv: the values read from a ``.env`` file.
+    @param listen: the endpoint strings given with ``--port``.
+    @raise ConfigError: a value cannot be parsed or is out of range; the message
+        names the setting.
+    """
+    values: dict[str, Any] = {}
+    for setting in settings():
+        text = flags.get(setting.attribute)
+        if text is None:
+            text = environ.get(setting.env)
+        if text is None:
+            text = dotenv.get(setting.env)
+        if text is None:
+            continue
+        try:
+            values[setting.attribute] = setting.parse(text)
+        except ValueError as e:
+            raise ConfigError(f"{setting.label}: {e}") from None
+    return Config(listen=listen, **values)

@@ -1,0 +1,131 @@
+"""
+The errors aiproxy answers for itself, and the one mapping from a failure to a status
+and JSON body.
+
+Every error response has the body ``{"error": {"type", "message", "request_id"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from OpenSSL.SSL import Error as TLSError
+from twisted.internet import error as neterror
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
+from twisted.web import _newclient
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
+__all__ = [
+    "BadRequestTarget",
+    "InternalError",
+    "MethodNotAllowed",
+    "ProxyError",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+    "describe_exception",
+    "error_body",
+    "upstream_error",
+]
+
+
+class ProxyError(Exception):
+    """An error aiproxy answers itself: a status, a machine-readable type, a message."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
+
+    @property
+    def message(self) -> str:
+        """The human-readable explanation sent to the client."""
+        return str(self)
+
+
+class InternalError(ProxyError):
+    """A bug in aiproxy; the log has the traceback."""
+
+
+class BadRequestTarget(ProxyError):
+    """The request target is not a path on this server (absolute-form, ``//``, ``@``...)."""
+
+    status = 400
+    type = "invalid_request_target"
+
+
+class MethodNotAllowed(ProxyError):
+    """The method cannot be proxied (``CONNECT``)."""
+
+    status = 405
+    type = "method_not_allowed"
+
+
+class UpstreamUnreachable(ProxyError):
+    """The upstream could not be reached, or failed before sending response headers."""
+
+    status = 502
+    type = "upstream_unreachable"
+
+
+class UpstreamTimeout(ProxyError):
+    """The upstream sent no response headers within ``REQUEST_TIMEOUT``."""
+
+    status = 504
+    type = "upstream_timeout"
+
+
+def error_body(error: ProxyError, request_id: bytes) -> bytes:
+    """The JSON body of an error response."""
+    return json.dumps(
+        {
+            "error": {
+                "type": error.type,
+                "message": error.message,
+                "request_id": request_id.decode("ascii", "replace"),
+            }
+        }
+    ).encode()
+
+
+_CONNECT_FAILURES = (
+    neterror.ConnectError,
+    neterror.DNSLookupError,
+    neterror.TimeoutError,
+    TLSError,
+)
+_EXCHANGE_FAILURES = (
+    ResponseNeverReceived,
+    ResponseFailed,
+    _newclient.RequestTransmissionFailed,
+    _newclient.RequestNotSent,
+    neterror.ConnectionLost,
+    neterror.ConnectionDone,
+    CancelledError,
+)
+
+
+def upstream_error(failure: Failure) -> ProxyError:
+    """
+    What the client is told when the upstream request failed before response headers.
+
+    A :class:`ProxyError` (such as our own timeout) passes through; network and TLS
+    failures become ``502``; anything else is a bug, ``500``.
+    """
+    if isinstance(failure.value, ProxyError):
+        return failure.value
+    if failure.check(*_CONNECT_FAILURES):
+        return UpstreamUnreachable(f"cannot connect to the upstream: {describe_exception(failure.value)}")
+    if failure.check(*_EXCHANGE_FAILURES):
+        return UpstreamUnreachable(
+            f"the upstream failed before responding: {describe_exception(failure.value)}"
+        )
+    return InternalError("aiproxy failed to handle this request")
+
+
+def describe_exception(exception: BaseException | None) -> str:
+    """A one-line description of an exception, unwrapping twisted's lists of reasons."""
+    reasons = getattr(exception, "reasons", None)
+    if reasons:
+        return "; ".join(describe_exception(reason.value) for reason in reasons)
+    text = str(exception).strip()
+    return f"{type(exception).__name__}: {text}" if text else type(exception).__name__

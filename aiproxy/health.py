@@ -1,0 +1,58 @@
+"""The proxy's own endpoints: ``/api/health`` and ``/api/ping``. They never touch the upstream."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from aiproxy.config import Config
+
+__all__ = ["HealthResource", "PingResource"]
+
+
+class JSONResource(Resource):
+    """A leaf that answers ``GET`` and ``HEAD`` with a JSON document."""
+
+    isLeaf = True
+
+    def document(self) -> object:
+        """The JSON-serialisable body."""
+        raise NotImplementedError
+
+    def render_GET(self, request: Request) -> bytes:
+        """Answer with the document."""
+        body = json.dumps(self.document()).encode()
+        request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+        request.responseHeaders.setRawHeaders(b"Cache-Control", [b"no-store"])
+        return body
+
+
+class HealthResource(JSONResource):
+    """``GET /api/health``: the proxy is up, and where it sends requests."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+
+    def document(self) -> object:
+        """Status and the live upstream settings."""
+        return {
+            "status": "healthy",
+            "target_url": self.config.target_url,
+            "timeout": _number(self.config.request_timeout),
+            "ssl_verify": self.config.ssl_verify,
+        }
+
+
+class PingResource(JSONResource):
+    """``GET /api/ping``: the cheapest possible liveness check."""
+
+    def document(self) -> object:
+        """A pong."""
+        return {"ping": "pong"}
+
+
+def _number(value: float) -> float | int:
+    return int(value) if value.is_integer() else value

@@ -1,0 +1,77 @@
+"""The resource tree and the ``Site`` that serves it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IAgent
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request, Site
+
+from aiproxy.config import Config
+from aiproxy.health import HealthResource, PingResource
+from aiproxy.proxy import ReverseProxyResource
+from aiproxy.request import ProxyRequest
+from aiproxy.target import local_target
+
+__all__ = ["ProxyRoot", "ProxySite", "build_resource", "build_site"]
+
+CLIENT_IDLE_TIMEOUT = 75
+"""Seconds an idle client keep-alive connection stays open (nginx's default)."""
+
+
+class ProxyRoot(Resource):
+    """
+    Serves aiproxy's own endpoints at their exact paths and proxies everything else.
+
+    ``/api/health`` is aiproxy's, while ``/api/health/``, ``/api/chat`` or
+    ``/api/healthz`` go to the upstream like any other path.
+    """
+
+    isLeaf = True
+
+    def __init__(self, endpoints: Mapping[bytes, IResource], proxy: IResource) -> None:
+        super().__init__()
+        self.endpoints = dict(endpoints)
+        self.proxy = proxy
+
+    def render(self, request: Request) -> int | bytes:
+        """Hand the request to the endpoint at its exact path, or to the proxy."""
+        target = local_target(request.uri, len(request.prepath))
+        path = target.partition(b"?")[0]
+        resource = self.endpoints.get(path, self.proxy)
+        result: int | bytes = resource.render(request)
+        return result
+
+
+class ProxySite(Site):
+    """
+    A ``Site`` of :class:`ProxyRequest`s.
+
+    twisted.web's own access log is off: ``ProxyRequest`` logs each request's start and
+    completion with its request ID instead.
+    """
+
+    requestFactory = ProxyRequest
+
+    def log(self, request: Request) -> None:
+        """No access log line; see :class:`ProxyRequest`."""
+
+
+def build_site(root: IResource, clock: IReactorTime) -> ProxySite:
+    """A :class:`ProxySite` for ``root`` on ``clock``."""
+    return ProxySite(root, reactor=clock, timeout=CLIENT_IDLE_TIMEOUT)
+
+
+def build_resource(config: Config, agent: IAgent, clock: IReactorTime) -> ProxyRoot:
+    """aiproxy's resource tree: ``/api/health``, ``/api/ping``, and the proxy for the rest."""
+    proxy = ReverseProxyResource(
+        config.target,
+        agent,
+        clock,
+        request_timeout=config.request_timeout,
+        read_size=config.proxy_buffer_size,
+    )
+    endpoints = {b"/api/health": HealthResource(config), b"/api/ping": PingResource()}
+    return ProxyRoot(endpoints, proxy)

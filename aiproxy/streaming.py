@@ -1,0 +1,140 @@
+"""
+Moving bodies through the proxy, in pieces, with flow control.
+
+Request bodies arrive buffered by twisted.web (in memory under 100 KB, else in a
+temporary file); :class:`ReplayableBody` sends them upstream in pieces, and can do so
+again for a retry. Response bodies are written to the client chunk by chunk as they
+arrive by :class:`ResponseForwarder`, which registers the upstream connection as the
+client's producer: a client that reads slowly pauses the upstream.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import IO
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Cooperator
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IBodyProducer
+from twisted.web.server import Request
+from zope.interface import implementer
+
+__all__ = ["BytesProducer", "ReplayableBody", "ResponseForwarder", "abort_response"]
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A body already in memory, written in one piece."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        """Write the whole body at once."""
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """Nothing to pause: the body was written in one call."""
+
+    def resumeProducing(self) -> None:
+        """Nothing to resume."""
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+class ReplayableBody:
+    """
+    A request body that twisted.web has buffered, as fresh body producers on demand.
+
+    Each :meth:`producer` starts again from the first byte, so a retried request sends
+    the same body; a body in a temporary file is read in pieces of at most
+    ``read_size`` bytes, never into memory whole.
+    """
+
+    def __init__(
+        self, content: IO[bytes], read_size: int, cooperator: Cooperator | None = None
+    ) -> None:
+        self._content = content
+        self._read_size = read_size
+        self._cooperator = cooperator
+        content.seek(0, os.SEEK_END)
+        self.length = content.tell()
+        content.seek(0)
+
+    def producer(self) -> IBodyProducer:
+        """A producer of the whole body, from the start."""
+        if isinstance(self._content, io.BytesIO):
+            return BytesProducer(self._content.getvalue())
+        # FileBodyProducer closes its file when done: give it a file of its own.
+        copy = os.fdopen(os.dup(self._content.fileno()), "rb")
+        copy.seek(0)
+        if self._cooperator is None:
+            return FileBodyProducer(copy, readSize=self._read_size)
+        return FileBodyProducer(copy, self._cooperator, readSize=self._read_size)
+
+
+def abort_response(request: Request) -> None:
+    """
+    End a response so that the client cannot take it for complete.
+
+    HTTP/1.x: the connection is aborted (a chunked body never gets its final chunk, a
+    body with ``Content-Length`` comes up short). HTTP/2: the stream is reset.
+    """
+    channel = request.channel
+    abort = getattr(channel, "abortConnection", None)  # an HTTP/2 stream
+    if abort is not None:
+        abort()
+    else:
+        request.transport.abortConnection()
+
+
+class ResponseForwarder(Protocol):
+    """
+    Writes an upstream response body to the client as it arrives.
+
+    The upstream connection is registered as the client request's streaming producer,
+    so the client's flow control reaches the upstream. ``finished`` fires with
+    L{None} when the whole body was delivered, or fails with the reason the upstream
+    body ended early (the client's response is then aborted).
+    """
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.finished: Deferred[None] = Deferred()
+        self._client_gone = False
+
+    def connectionMade(self) -> None:
+        """Let the client's flow control pause and resume the upstream."""
+        self.request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Pass each chunk on at once."""
+        if not self._client_gone:
+            self.request.write(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
+        """Finish the client's response, or abort it if the body ended early."""
+        if self._client_gone:
+            self.finished.callback(None)
+            return
+        self.request.unregisterProducer()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.request.finish()
+            self.finished.callback(None)
+        else:
+            abort_response(self.request)
+            self.finished.errback(reason)
+
+    def stop(self) -> None:
+        """The client went away: close the upstream connection so it stops generating."""
+        self._client_gone = True
+        self.transport.stopProducing()

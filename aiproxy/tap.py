@@ -1,0 +1,111 @@
+"""
+``twist aiproxy``: the command line, and the composition root that builds the service.
+
+This is the only module that touches the global reactor; everything it builds takes
+the reactor, the clock and the HTTP agent as arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from dotenv import dotenv_values
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import LogLevel
+from twisted.python import usage
+
+from aiproxy.config import Config, ConfigError, load_config, settings
+from aiproxy.service import PoolService
+from aiproxy.site import build_resource, build_site
+from aiproxy.upstream import make_agent, make_pool
+
+__all__ = ["Options", "build_service", "makeService"]
+
+
+class Options(usage.Options):
+    """The options of ``twist aiproxy``; each falls back to its environment variable."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Streaming reverse proxy for an OpenAI-compatible API. Every option can also be"
+        " set by the environment variable named in its help, or in a .env file in the"
+        " working directory; a flag wins over the environment, which wins over .env."
+    )
+    optParameters = [
+        [s.flag, None, None, f"{s.help}. [env: {s.env}] [default: {s.show_default()}]"]
+        for s in settings()
+    ]
+
+    def __init__(self, environ: Mapping[str, str] | None = None, dotenv_path: str = ".env") -> None:
+        super().__init__()
+        self["port"] = []
+        self._environ = os.environ if environ is None else environ
+        self._dotenv_path = dotenv_path
+
+    def opt_port(self, endpoint: str) -> None:
+        """Twisted endpoint to listen on; repeatable. [default: tcp:$PORT:interface=$HOST]"""
+        self["port"].append(endpoint)
+
+    opt_p = opt_port
+
+    def postOptions(self) -> None:
+        """Merge flags, environment and ``.env`` into a validated :class:`Config`."""
+        flags = {s.attribute: self[s.flag] for s in settings()}
+        dotenv = dotenv_values(self._dotenv_path) if os.path.exists(self._dotenv_path) else {}
+        try:
+            self["config"] = load_config(flags, self._environ, dotenv, tuple(self["port"]))
+        except ConfigError as e:
+            raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
+
+
+def build_service(config: Config, reactor: IReactorCore) -> MultiService:
+    """
+    Everything aiproxy runs: the upstream pool, and one listener per endpoint.
+
+    @raise ConfigError: an endpoint string cannot be parsed.
+    """
+    pool = make_pool(reactor)
+    agent = make_agent(
+        reactor,
+        config.target,
+        pool,
+        connect_timeout=config.connect_timeout,
+        verify_tls=config.ssl_verify,
+    )
+    site = build_site(build_resource(config, agent, reactor), reactor)
+    top = MultiService()
+    # Services stop in reverse order: the listeners first, then the pool.
+    PoolService(pool).setServiceParent(top)
+    for description in config.endpoints:
+        try:
+            listener = strports.service(description, site, reactor=reactor)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
+        listener.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """The ``twist`` entry point: build the service on the global reactor."""
+    from twisted.internet import reactor
+
+    config: Config = options["config"]
+    _apply_log_level(options, config.twisted_log_level)
+    try:
+        return build_service(config, reactor)  # type: ignore[arg-type]
+    except ConfigError as e:
+        raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
+
+
+def _apply_log_level(options: usage.Options, level: LogLevel) -> None:
+    """
+    Make ``twist`` log at ``LOG_LEVEL``, or at its own ``--log-level`` if more verbose.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None or "logLevel" not in parent:
+        return
+    order = list(LogLevel.iterconstants())
+    parent["logLevel"] = min(parent["logLevel"], level, key=order.index)

@@ -1,0 +1,269 @@
+"""
+A fake OpenAI-compatible upstream for tests and demos (no network beyond loopback).
+
+``FakeOpenAI`` is a twisted.web resource; serve it with ``Site(FakeOpenAI(clock))``.
+Endpoints:
+
+- ``POST /v1/chat/completions``: a ``chat.completion`` JSON, or with ``"stream": true``
+  an SSE stream of ``chat.completion.chunk`` events and ``data: [DONE]``; the
+  ``x-fake-chunks`` and ``x-fake-interval-ms`` request headers set the number of
+  events (default 5) and their spacing (default 0). Each event carries ``fake_ts``,
+  the upstream clock's time when it was written.
+- ``GET /v1/models``: a model list.
+- ``/echo...`` (any method): what the upstream received, as JSON.
+- ``GET /bytes/N``: ``N`` bytes with ``Content-Length``, written with flow control.
+- ``POST /sink``: the body's length, ``{"received": N}``.
+- ``GET /status/CODE``: that status with a small JSON body.
+- ``/hang``: never answers (until the client closes).
+- ``GET /truncated/N`` and ``GET /truncated-chunked/N``: start an ``N``-byte body
+  (declared with ``Content-Length``, or chunked), send half, then drop the connection.
+
+:class:`UpstreamStats` counts what happened, including streams the client aborted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+__all__ = ["FakeOpenAI", "UpstreamStats", "chat_completion", "sse_event"]
+
+
+@attrs.define
+class UpstreamStats:
+    """What the fake upstream has seen and done."""
+
+    requests: int = 0
+    streams_started: int = 0
+    streams_completed: int = 0
+    streams_aborted: int = 0
+    hangs_aborted: int = 0
+    bytes_served: int = 0
+    last_echo: dict[str, Any] | None = None
+
+
+def chat_completion(model: str, content: str) -> dict[str, Any]:
+    """A minimal OpenAI ``chat.completion`` object."""
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def sse_event(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event carrying ``data`` (JSON unless it is a string)."""
+    text = data if isinstance(data, str) else json.dumps(data)
+    return b"data: " + text.encode() + b"\n\n"
+
+
+class FakeOpenAI(Resource):
+    """The fake upstream; see the module docstring for its endpoints."""
+
+    isLeaf = True
+
+    def __init__(self, clock: IReactorTime) -> None:
+        super().__init__()
+        self.clock = clock
+        self.stats = UpstreamStats()
+
+    def render(self, request: Request) -> bytes | int:
+        """Dispatch on the path."""
+        self.stats.requests += 1
+        path = request.path
+        if path == b"/v1/chat/completions" and request.method == b"POST":
+            return self._chat(request)
+        if path == b"/v1/models":
+            return _json(request, {"object": "list", "data": [{"id": "fake-model"}]})
+        if path.startswith(b"/echo"):
+            return self._echo(request)
+        if path.startswith(b"/bytes/"):
+            _BodyWriter(request, int(path[7:]), self.clock, self.stats).start()
+            return NOT_DONE_YET
+        if path == b"/sink":
+            return _json(request, {"received": len(request.content.read())})
+        if path.startswith(b"/status/"):
+            code = int(path[8:])
+            request.setResponseCode(code)
+            return _json(request, {"status": code})
+        if path == b"/hang":
+            request.notifyFinish().addErrback(self._hang_aborted)
+            return NOT_DONE_YET
+        if path.startswith(b"/truncated"):
+            return self._truncated(request, int(path.rsplit(b"/", 1)[1]))
+        request.setResponseCode(404)
+        return _json(request, {"error": {"message": "no such fake endpoint"}})
+
+    def _hang_aborted(self, reason: Failure) -> None:
+        self.stats.hangs_aborted += 1
+
+    def _chat(self, request: Request) -> bytes | int:
+        body = json.loads(request.content.read() or b"{}")
+        model = body.get("model", "fake-model")
+        if not body.get("stream"):
+            return _json(request, chat_completion(model, "Hello there"))
+        count = int(request.getHeader(b"x-fake-chunks") or 5)
+        interval = float(request.getHeader(b"x-fake-interval-ms") or 0) / 1000
+        _EventStream(request, model, count, interval, self.clock, self.stats).start()
+        return NOT_DONE_YET
+
+    def _echo(self, request: Request) -> bytes:
+        body = request.content.read()
+        seen = {
+            "method": request.method.decode(),
+            "uri": request.uri.decode("latin-1"),
+            "version": request.clientproto.decode(),
+            "headers": [
+                [name.decode("latin-1"), value.decode("latin-1")]
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+            "body_length": len(body),
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+        }
+        self.stats.last_echo = seen
+        return _json(request, seen)
+
+    def _truncated(self, request: Request, size: int) -> int:
+        if not request.path.startswith(b"/truncated-chunked"):
+            request.setHeader(b"Content-Length", b"%d" % size)
+        request.write(b"x" * (size // 2))
+        self.clock.callLater(0.05, request.transport.abortConnection)
+        return NOT_DONE_YET
+
+
+def _json(request: Request, document: object) -> bytes:
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(document).encode()
+
+
+class _EventStream:
+    """Writes ``count`` chat chunks ``interval`` seconds apart, then ``[DONE]``."""
+
+    def __init__(
+        self,
+        request: Request,
+        model: str,
+        count: int,
+        interval: float,
+        clock: IReactorTime,
+        stats: UpstreamStats,
+    ) -> None:
+        self.request = request
+        self.model = model
+        self.remaining = count
+        self.sent = 0
+        self.interval = interval
+        self.clock = clock
+        self.stats = stats
+        self.timer: IDelayedCall | None = None
+        self.aborted = False
+
+    def start(self) -> None:
+        self.stats.streams_started += 1
+        self.request.setHeader(b"Content-Type", b"text/event-stream")
+        self.request.notifyFinish().addErrback(self._aborted)
+        self._next()
+
+    def _next(self) -> None:
+        self.timer = None
+        if self.aborted:
+            return
+        if self.remaining == 0:
+            self.request.write(sse_event("[DONE]"))
+            self.request.finish()
+            self.stats.streams_completed += 1
+            return
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": {"content": f"tok{self.sent} "}}],
+            "fake_seq": self.sent,
+            "fake_ts": self.clock.seconds(),
+        }
+        self.request.write(sse_event(chunk))
+        self.sent += 1
+        self.remaining -= 1
+        self.timer = self.clock.callLater(self.interval, self._next)
+
+    def _aborted(self, reason: Failure) -> None:
+        self.aborted = True
+        self.stats.streams_aborted += 1
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+
+
+@implementer(IPushProducer)
+class _BodyWriter:
+    """Writes ``size`` bytes, pausing when the client's connection is backed up."""
+
+    piece = b"x" * 65536
+
+    def __init__(
+        self, request: Request, size: int, clock: IReactorTime, stats: UpstreamStats
+    ) -> None:
+        self.request = request
+        self.remaining = size
+        self.clock = clock
+        self.stats = stats
+        self.paused = False
+        self.stopped = False
+        self.scheduled = False
+
+    def start(self) -> None:
+        self.request.setHeader(b"Content-Length", b"%d" % self.remaining)
+        self.request.setHeader(b"Content-Type", b"application/octet-stream")
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._write_some()
+
+    def _write_some(self) -> None:
+        self.scheduled = False
+        budget = 16
+        while self.remaining and not self.paused and not self.stopped and budget:
+            piece = self.piece[: self.remaining]
+            self.request.write(piece)
+            self.remaining -= len(piece)
+            self.stats.bytes_served += len(piece)
+            budget -= 1
+        if self.stopped:
+            return
+        if not self.remaining:
+            self.request.unregisterProducer()
+            self.request.finish()
+        elif not self.paused:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self.scheduled:
+            self.scheduled = True
+            self.clock.callLater(0, self._write_some)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        self.stopped = True

@@ -1,0 +1,129 @@
+"""
+The HTTP client side: one pooled ``Agent`` that only ever talks to the configured target.
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorCore,
+    IStreamClientEndpoint,
+    ITCPTransport,
+)
+from twisted.internet.ssl import CertificateOptions
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from zope.interface import implementer
+
+from aiproxy.target import Target
+
+__all__ = ["InsecureTLSPolicy", "UpstreamEndpoints", "make_agent", "make_pool"]
+
+IDLE_CONNECTIONS_PER_HOST = 64
+"""Idle keep-alive connections kept for reuse; more active ones are closed after use."""
+
+IDLE_CONNECTION_TIMEOUT = 30
+"""Seconds an idle upstream connection is kept: below common upstream keep-alive limits,
+so that the proxy, not the upstream, closes it."""
+
+
+def make_pool(reactor: IReactorCore) -> HTTPConnectionPool:
+    """A persistent connection pool sized for a proxy."""
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = IDLE_CONNECTIONS_PER_HOST
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    return pool
+
+
+def make_agent(
+    reactor: IReactorCore,
+    target: Target,
+    pool: HTTPConnectionPool,
+    *,
+    connect_timeout: float,
+    verify_tls: bool = True,
+) -> Agent:
+    """
+    The ``Agent`` for ``target``: no redirects followed, no content decoding.
+
+    TLS certificates are checked against the system's trust store unless
+    ``verify_tls`` is false.
+    """
+    policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS() if verify_tls else InsecureTLSPolicy()
+    endpoints = UpstreamEndpoints(reactor, target, connect_timeout=connect_timeout, policy=policy)
+    return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+
+
+@implementer(IAgentEndpointFactory)
+class UpstreamEndpoints:
+    """
+    Gives the ``Agent`` one endpoint, built once, for the single upstream.
+
+    Every request URL is built on the target's origin, so no other host can be asked
+    for; building the endpoint once saves the host-name encoding per request.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorCore,
+        target: Target,
+        *,
+        connect_timeout: float,
+        policy: IPolicyForHTTPS,
+    ) -> None:
+        endpoint: IStreamClientEndpoint = _NoDelayEndpoint(
+            HostnameEndpoint(reactor, target.host, target.port, timeout=connect_timeout)
+        )
+        if target.scheme == "https":
+            creator = policy.creatorForNetloc(target.host.encode("ascii"), target.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        self._endpoint = endpoint
+
+    def endpointForURI(self, uri: object) -> IStreamClientEndpoint:
+        """The upstream's endpoint."""
+        return self._endpoint
+
+
+@implementer(IStreamClientEndpoint)
+class _NoDelayEndpoint:
+    """Turns Nagle's algorithm off on each new connection, so small writes go at once."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        def no_delay(protocol: IProtocol) -> IProtocol:
+            transport = getattr(protocol, "transport", None)
+            if ITCPTransport.providedBy(transport):
+                transport.setTcpNoDelay(True)
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(no_delay)
+
+
+@implementer(IPolicyForHTTPS)
+class InsecureTLSPolicy:
+    """TLS without certificate checks (``SSL_VERIFY=false``); still sends SNI."""
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """A connection creator that accepts any certificate."""
+        return _UncheckedTLS(hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _UncheckedTLS:
+    def __init__(self, hostname: bytes) -> None:
+        self._context = CertificateOptions().getContext()
+        self._hostname = hostname
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tlsProtocol)
+        connection.set_tlsext_host_name(self._hostname)
+        connection.set_connect_state()
+        return connection
