@@ -114,7 +114,8 @@ def upstream_error(failure: Failure) -> ProxyError:
     if isinstance(failure.value, ProxyError):
         return failure.value
     if failure.check(*_CONNECT_FAILURES):
-        return UpstreamUnreachable(f"cannot connect to the upstream: {describe_exception(failure.value)}")
+        reason = describe_exception(failure.value)
+        return UpstreamUnreachable(f"cannot connect to the upstream: {reason}")
     if failure.check(*_EXCHANGE_FAILURES):
         return UpstreamUnreachable(
             f"the upstream failed before responding: {describe_exception(failure.value)}"

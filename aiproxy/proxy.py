@@ -123,7 +123,7 @@ class _Exchange:
     def respond(self, response: IResponse) -> None:
         self.pending = None
         request = self.request
-        log.info(
+        log.debug(
             "Response {status} from {url}",
             status=response.code,
             url=self.url.decode("ascii", "replace"),

@@ -36,10 +36,9 @@ class ProxyRequest(Request):
     Each response carries ``X-Request-ID`` (the client's if it is a sane token, else a
     new one), ``X-Process-Time`` (seconds from the request's arrival to its response
     headers) and ``X-Proxy-By``. A start line and a completion line are logged per
-    request. The body is never parsed as a form: a proxy passes it on as bytes.
+    request.
     """
 
-    _parsePOSTFormSubmission = False
     request_id: bytes = b""
     received_at: float = 0.0
     clock: IReactorTime

@@ -60,8 +60,14 @@ class ProxySite(Site):
 
 
 def build_site(root: IResource, clock: IReactorTime) -> ProxySite:
-    """A :class:`ProxySite` for ``root`` on ``clock``."""
-    return ProxySite(root, reactor=clock, timeout=CLIENT_IDLE_TIMEOUT)
+    """
+    A :class:`ProxySite` for ``root`` on ``clock``.
+
+    Request bodies are never parsed as forms: a proxy passes them on as bytes.
+    """
+    return ProxySite(
+        root, reactor=clock, timeout=CLIENT_IDLE_TIMEOUT, parsePOSTFormSubmission=False
+    )
 
 
 def build_resource(config: Config, agent: IAgent, clock: IReactorTime) -> ProxyRoot:

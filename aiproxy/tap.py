@@ -14,10 +14,10 @@ from dotenv import dotenv_values
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.internet.interfaces import IReactorCore
-from twisted.logger import LogLevel
 from twisted.python import usage
 
 from aiproxy.config import Config, ConfigError, load_config, settings
+from aiproxy.logs import use_aiproxy_logging
 from aiproxy.service import PoolService
 from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
@@ -93,19 +93,8 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: Config = options["config"]
-    _apply_log_level(options, config.twisted_log_level)
+    use_aiproxy_logging(options, config.twisted_log_level)
     try:
         return build_service(config, reactor)  # type: ignore[arg-type]
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
-
-
-def _apply_log_level(options: usage.Options, level: LogLevel) -> None:
-    """
-    Make ``twist`` log at ``LOG_LEVEL``, or at its own ``--log-level`` if more verbose.
-    """
-    parent = getattr(options, "parent", None)
-    if parent is None or "logLevel" not in parent:
-        return
-    order = list(LogLevel.iterconstants())
-    parent["logLevel"] = min(parent["logLevel"], level, key=order.index)
