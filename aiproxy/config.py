@@ -9,7 +9,7 @@ output and the README table all come from this one place.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -117,6 +117,16 @@ def parse_log_level(text: str) -> str:
     return "WARNING" if name == "WARN" else name
 
 
+def _endpoint_strings(endpoints: Iterable[str]) -> tuple[str, ...]:
+    return tuple(endpoints)
+
+
+_CONVERTERS: Mapping[Callable[[str], Any], Callable[[Any], Any]] = {
+    parse_float: float,
+    parse_list: tuple,
+}
+
+
 def _setting(
     default: Any,
     env: str,
@@ -128,6 +138,8 @@ def _setting(
     return attrs.field(
         default=default,
         validator=validator,
+        # Values given directly (Config(request_timeout=120)) get the parsed type too.
+        converter=_CONVERTERS.get(parse),
         metadata={"setting": Setting("", env, flag, help, parse, default)},
     )
 
@@ -252,7 +264,7 @@ class Config:
     ssl_verify: bool = _setting(
         True, "SSL_VERIFY", "ssl-verify", "Verify the upstream's TLS certificate", parse_bool
     )
-    listen: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    listen: tuple[str, ...] = attrs.field(default=(), converter=_endpoint_strings)
     """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""
 
     @property

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from twisted.web.http_headers import Headers
 
@@ -57,7 +57,7 @@ _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}\Z")
 
 def end_to_end(
     headers: Headers, also_drop: frozenset[bytes] = frozenset()
-) -> Iterator[tuple[bytes, list[bytes]]]:
+) -> Iterator[tuple[bytes, Sequence[bytes]]]:
     """
     Every header except hop-by-hop ones, those ``Connection`` names, and ``also_drop``.
 
@@ -111,7 +111,7 @@ def upstream_request_headers(
     return outgoing
 
 
-def client_response_headers(upstream: Headers) -> Iterator[tuple[bytes, list[bytes]]]:
+def client_response_headers(upstream: Headers) -> Iterator[tuple[bytes, Sequence[bytes]]]:
     """
     The headers to send the client for an upstream response.
 

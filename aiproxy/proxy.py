@@ -90,7 +90,7 @@ class _Exchange:
         self.request_id = request_id or choose_request_id(
             request.requestHeaders.getRawHeaders(b"x-request-id")
         )
-        self.url = resource.target.url_for(local_target(request.uri, len(request.prepath)))
+        self.url = resource.target.url_for(local_target(request.uri, len(request.prepath or ())))
         self.pending: Deferred[IResponse] | None = None
         self.forwarder: ResponseForwarder | None = None
         self.client_gone = False
@@ -103,6 +103,7 @@ class _Exchange:
             scheme=b"https" if request.isSecure() else b"http",
             request_id=self.request_id,
         )
+        assert request.content is not None, "twisted.web sets it before render"
         body = ReplayableBody(request.content, self.resource.read_size, self.resource.cooperator)
         sends_body = body.length > 0 or _declares_body(request)
         d = self.resource.agent.request(

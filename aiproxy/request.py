@@ -5,6 +5,8 @@ log lines, for every response the proxy sends.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,7 +47,8 @@ class ProxyRequest(Request):
 
     def process(self) -> None:
         """Assign the request ID, log the start, then find and render the resource."""
-        self.clock = self.channel.site.reactor
+        channel: Any = self.channel
+        self.clock = channel.site.reactor
         self.received_at = self.clock.seconds()
         self.request_id = choose_request_id(self.requestHeaders.getRawHeaders(b"x-request-id"))
         log.info(
@@ -70,7 +73,11 @@ class ProxyRequest(Request):
 
     def processingFailed(self, reason: Failure) -> None:
         """A bug while rendering: log it and answer with the JSON 500 error."""
-        log.failure("Unhandled error in {request_id}", reason, request_id=self.request_id)
+        log.failure(
+            "Unhandled error [ID: {request_id}]",
+            reason,
+            request_id=self.request_id.decode("ascii"),
+        )
         send_error(self, InternalError("aiproxy failed to handle this request"))
 
     def _log_completion(self, result: Failure | None) -> None:

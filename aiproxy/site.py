@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
@@ -38,7 +39,7 @@ class ProxyRoot(Resource):
 
     def render(self, request: Request) -> int | bytes:
         """Hand the request to the endpoint at its exact path, or to the proxy."""
-        target = local_target(request.uri, len(request.prepath))
+        target = local_target(request.uri, len(request.prepath or ()))
         path = target.partition(b"?")[0]
         resource = self.endpoints.get(path, self.proxy)
         result: int | bytes = resource.render(request)
@@ -55,7 +56,7 @@ class ProxySite(Site):
 
     requestFactory = ProxyRequest
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         """No access log line; see :class:`ProxyRequest`."""
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import IO
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer
@@ -94,7 +94,8 @@ def abort_response(request: Request) -> None:
     if abort is not None:
         abort()
     else:
-        request.transport.abortConnection()
+        transport: Any = request.transport
+        transport.abortConnection()
 
 
 class ResponseForwarder(Protocol):
@@ -137,4 +138,5 @@ class ResponseForwarder(Protocol):
     def stop(self) -> None:
         """The client went away: close the upstream connection so it stops generating."""
         self._client_gone = True
-        self.transport.stopProducing()
+        transport: Any = self.transport
+        transport.stopProducing()

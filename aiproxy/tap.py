@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from dotenv import dotenv_values
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
-from twisted.internet.interfaces import IReactorCore
 from twisted.python import usage
 
 from aiproxy.config import Config, ConfigError, load_config, settings
@@ -61,9 +61,12 @@ class Options(usage.Options):
             raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
 
 
-def build_service(config: Config, reactor: IReactorCore) -> MultiService:
+def build_service(config: Config, reactor: Any) -> MultiService:
     """
     Everything aiproxy runs: the upstream pool, and one listener per endpoint.
+
+    @param reactor: provides ``IReactorTCP``, ``IReactorTime`` and ``IReactorCore`` (and
+        ``IReactorSSL``/``IReactorUNIX`` for those endpoints).
 
     @raise ConfigError: an endpoint string cannot be parsed.
     """
@@ -95,6 +98,6 @@ def makeService(options: Options) -> IService:
     config: Config = options["config"]
     use_aiproxy_logging(options, config.twisted_log_level)
     try:
-        return build_service(config, reactor)  # type: ignore[arg-type]
+        return build_service(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
