@@ -161,6 +161,21 @@ def _at_least(minimum: float, *, strict: bool = False) -> Callable[[Any, Any, An
     return check
 
 
+def _in_range(minimum: int, maximum: int) -> Callable[[Any, Any, Any], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
+        if not minimum <= value <= maximum:
+            raise ConfigError(
+                f"{_setting_of(attribute).label}: must be from {minimum} to {maximum}, got {value}"
+            )
+
+    return check
+
+
+def _valid_log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in LOG_LEVELS:
+        raise ConfigError(f"{_setting_of(attribute).label}: {value!r} is not a log level")
+
+
 def _valid_target(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     try:
         parse_target(value)
@@ -192,7 +207,7 @@ class Config:
         "listen-port",
         "TCP port of the default listener",
         parse_int,
-        _at_least(0),
+        _in_range(0, 65535),
     )
     request_timeout: float = _setting(
         300.0,
@@ -216,6 +231,7 @@ class Config:
         "log-level",
         "DEBUG, INFO, WARNING, ERROR or CRITICAL",
         parse_log_level,
+        _valid_log_level,
     )
     max_workers: int = _setting(
         1,

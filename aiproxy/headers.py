@@ -88,21 +88,24 @@ def choose_request_id(
 
 
 def upstream_request_headers(
-    incoming: Headers, *, client_ip: bytes, scheme: bytes, request_id: bytes
+    incoming: Headers, *, client_ip: bytes | None, scheme: bytes, request_id: bytes
 ) -> Headers:
     """
     The headers to send upstream for a client's request.
 
-    End-to-end headers (``Authorization`` included) pass unchanged; ``X-Forwarded-For``
-    gains the client's address, ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` say how
-    the client reached the proxy, and ``X-Request-ID`` carries the request's ID.
+    End-to-end headers (``Authorization`` included) pass unchanged. ``X-Forwarded-For``
+    gains the client's IP address (none for a UNIX socket peer); ``X-Forwarded-Proto``
+    and ``X-Forwarded-Host`` say how the client reached the proxy; ``X-Request-ID``
+    carries the request's ID.
     """
     outgoing = Headers()
     for name, values in end_to_end(incoming, REPLACED_ON_REQUEST):
         outgoing.setRawHeaders(name, values)
-    forwarded_for = incoming.getRawHeaders(b"x-forwarded-for")
-    chain = [*forwarded_for, client_ip] if forwarded_for else [client_ip]
-    outgoing.setRawHeaders(b"X-Forwarded-For", [b", ".join(chain)])
+    chain = list(incoming.getRawHeaders(b"x-forwarded-for", ()))
+    if client_ip is not None:
+        chain.append(client_ip)
+    if chain:
+        outgoing.setRawHeaders(b"X-Forwarded-For", [b", ".join(chain)])
     outgoing.setRawHeaders(b"X-Forwarded-Proto", [scheme])
     host = incoming.getRawHeaders(b"host")
     if host:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from aiproxy.config import Config
+from aiproxy.errors import MethodNotAllowed
+from aiproxy.request import send_error
 
 __all__ = ["HealthResource", "PingResource"]
 
@@ -16,6 +18,17 @@ class JSONResource(Resource):
     """A leaf that answers ``GET`` and ``HEAD`` with a JSON document."""
 
     isLeaf = True
+    allowedMethods = (b"GET", b"HEAD")
+
+    def render(self, request: Request) -> bytes | int:
+        """Answer ``GET`` and ``HEAD``; any other method gets the JSON ``405``."""
+        if request.method not in self.allowedMethods:
+            request.responseHeaders.setRawHeaders(b"Allow", [b", ".join(self.allowedMethods)])
+            method = request.method.decode("ascii", "replace")
+            send_error(request, MethodNotAllowed(f"{method} is not allowed here; use GET"))
+            return NOT_DONE_YET
+        result: bytes | int = super().render(request)
+        return result
 
     def document(self) -> object:
         """The JSON-serialisable body."""

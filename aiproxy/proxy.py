@@ -133,6 +133,8 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase)
         for name, values in client_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
+        # Send the headers now: a stream's first event may be a while coming.
+        request.write(b"")
         self.forwarder = ResponseForwarder(request)
         self.forwarder.finished.addErrback(self.upstream_died)
         response.deliverBody(self.forwarder)

@@ -24,11 +24,10 @@ PROXY_BY = f"aiproxy/{__version__}".encode()
 log = Logger(namespace="aiproxy")
 
 
-def client_ip(request: Request) -> bytes:
-    """The peer's address as bytes (``unix`` for a UNIX socket peer)."""
-    address = request.getClientAddress()
-    host = getattr(address, "host", None)
-    return host.encode("ascii") if isinstance(host, str) else b"unix"
+def client_ip(request: Request) -> bytes | None:
+    """The peer's IP address as bytes; L{None} for a peer without one (a UNIX socket)."""
+    host = getattr(request.getClientAddress(), "host", None)
+    return host.encode("ascii") if isinstance(host, str) else None
 
 
 class ProxyRequest(Request):
@@ -41,6 +40,8 @@ class ProxyRequest(Request):
     request.
     """
 
+    # A proxied response has the upstream's Content-Type, or none: never twisted's default.
+    defaultContentType = None
     request_id: bytes = b""
     received_at: float = 0.0
     clock: IReactorTime
@@ -55,7 +56,7 @@ class ProxyRequest(Request):
             "Request started: {method} {path} [Client: {client}] [ID: {request_id}]",
             method=self.method.decode("ascii", "replace"),
             path=self.path.decode("ascii", "replace"),
-            client=client_ip(self).decode("ascii"),
+            client=(client_ip(self) or b"unix").decode("ascii"),
             request_id=self.request_id.decode("ascii"),
         )
         self.notifyFinish().addBoth(self._log_completion)

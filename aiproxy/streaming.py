@@ -74,12 +74,46 @@ class ReplayableBody:
         """A producer of the whole body, from the start."""
         if isinstance(self._content, io.BytesIO):
             return BytesProducer(self._content.getvalue())
-        # FileBodyProducer closes its file when done: give it a file of its own.
-        copy = os.fdopen(os.dup(self._content.fileno()), "rb")
-        copy.seek(0)
+        view = _FileView(self._content.fileno())
         if self._cooperator is None:
-            return FileBodyProducer(copy, readSize=self._read_size)
-        return FileBodyProducer(copy, self._cooperator, readSize=self._read_size)
+            return FileBodyProducer(view, readSize=self._read_size)
+        return FileBodyProducer(view, self._cooperator, readSize=self._read_size)
+
+
+class _FileView(io.RawIOBase):
+    """
+    Reads a file through its descriptor at an offset of its own.
+
+    Several views of one file do not disturb each other, and closing a view (as
+    ``FileBodyProducer`` does when it is done) leaves the file open.
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._fd, len(buffer), self._offset)
+        buffer[: len(data)] = data
+        self._offset += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._offset}.get(whence)
+        if base is None:
+            base = os.fstat(self._fd).st_size
+        self._offset = base + offset
+        return self._offset
+
+    def tell(self) -> int:
+        return self._offset
 
 
 def abort_response(request: Request) -> None:

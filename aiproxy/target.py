@@ -10,6 +10,7 @@ name another host and ``%2F``, ``%7E`` or repeated query keys reach the upstream
 from __future__ import annotations
 
 import ipaddress
+import re
 from urllib.parse import urlsplit
 
 import attrs
@@ -18,6 +19,9 @@ import hyperlink
 __all__ = ["Target", "TargetError", "is_origin_form", "local_target", "parse_target"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]*")
+_ORIGIN_FORM = re.compile(rb"/(?!/)[\x21-\x7e]*")
 
 
 class TargetError(ValueError):
@@ -58,10 +62,17 @@ def parse_target(text: str) -> Target:
         credentials, a query or a fragment.
     """
     try:
-        url = hyperlink.URL.from_text(text)
-    except hyperlink.URLParseError as e:
+        return _parse_target(text)
+    except TargetError:
+        raise
+    except ValueError as e:  # hyperlink's and urllib's parse errors
         raise TargetError(f"{text!r} is not a URL: {e}") from None
-    if url.scheme not in DEFAULT_PORTS:
+
+
+def _parse_target(text: str) -> Target:
+    url = hyperlink.URL.from_text(text)
+    scheme = url.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
         raise TargetError(f"{text!r} must start with http:// or https://")
     if not url.host:
         raise TargetError(f"{text!r} has no host")
@@ -72,16 +83,15 @@ def parse_target(text: str) -> Target:
         raise TargetError(f"{text!r} must not have a query or fragment")
     try:
         host = url.host if _is_ip_literal(url.host) else url.to_uri().host
-        port = url.port if url.port is not None else DEFAULT_PORTS[url.scheme]
-    except (ValueError, UnicodeError) as e:
+        port = url.port if url.port is not None else DEFAULT_PORTS[scheme]
+    except ValueError as e:  # IDNA errors are ValueErrors too
         raise TargetError(f"{text!r} has an invalid host or port: {e}") from None
     if not 0 < port < 65536:
         raise TargetError(f"{text!r} has an invalid port")
-    try:
-        prefix = parts.path.rstrip("/").encode("ascii")
-    except UnicodeEncodeError:
-        raise TargetError(f"{text!r} has a path that is not percent-encoded") from None
-    return Target(url.scheme, host, port, prefix, text)
+    prefix = parts.path.rstrip("/").encode("utf-8")
+    if not _VISIBLE_ASCII.fullmatch(prefix):
+        raise TargetError(f"{text!r} has a path with characters that must be percent-encoded")
+    return Target(scheme, host, port, prefix, text)
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -94,12 +104,14 @@ def _is_ip_literal(host: str) -> bool:
 
 def is_origin_form(request_target: bytes) -> bool:
     """
-    Whether a request target is an ordinary path: exactly one leading ``/``.
+    Whether a request target is an ordinary path: exactly one leading ``/``, then only
+    visible ASCII characters.
 
-    Absolute-form (``http://other/``), authority-form (``host:443``), ``*`` and targets
-    starting with ``//`` or ``@`` are not proxied.
+    Absolute-form (``http://other/``), authority-form (``host:443``), ``*``, targets
+    starting with ``//`` or ``@``, and targets with control characters, spaces or
+    non-ASCII bytes are not proxied.
     """
-    return request_target[:1] == b"/" and request_target[1:2] != b"/"
+    return _ORIGIN_FORM.fullmatch(request_target) is not None
 
 
 def local_target(request_target: bytes, depth: int) -> bytes:

@@ -1,0 +1,1 @@
+"""Unit tests: pure functions table by table, adapters over fake transports and clocks."""

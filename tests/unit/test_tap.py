@@ -1,0 +1,184 @@
+"""The ``twist aiproxy`` command line and the composition root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import succeed
+from twisted.internet.testing import MemoryReactorClock
+
+from aiproxy.config import Config, ConfigError, settings
+from aiproxy.service import PoolService
+from aiproxy.site import ProxySite
+from aiproxy.tap import Options, build_service
+
+
+def parse(
+    args: list[str], environ: dict[str, str] | None = None, dotenv: str | None = None, *, tmp: Path
+) -> Config:
+    """Parse ``args`` with ``environ`` and a .env file holding ``dotenv``; return the Config."""
+    path = tmp / ".env"
+    if dotenv is not None:
+        path.write_text(dotenv)
+    options = Options(environ=environ or {}, dotenv_path=str(path))
+    options.parseOptions(args)
+    config: Config = options["config"]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "dotenv", "expected"),
+    [
+        ([], {}, None, 300.0),
+        ([], {}, "REQUEST_TIMEOUT=40\n", 40.0),
+        ([], {"REQUEST_TIMEOUT": "30"}, "REQUEST_TIMEOUT=40\n", 30.0),
+        (["--request-timeout", "20"], {"REQUEST_TIMEOUT": "30"}, "REQUEST_TIMEOUT=40\n", 20.0),
+        (["--request-timeout=20"], {}, "REQUEST_TIMEOUT=40\n", 20.0),
+        ([], {}, '# comment\nexport REQUEST_TIMEOUT="45"\n', 45.0),
+    ],
+    ids=["default", "dotenv", "environ-over-dotenv", "flag-over-all", "flag-equals", "quoted"],
+)
+def test_options_precedence(
+    args: list[str], environ: dict[str, str], dotenv: str | None, expected: float, tmp_path: Path
+) -> None:
+    """A flag wins over the environment, which wins over the .env file, then the default."""
+    assert parse(args, environ, dotenv, tmp=tmp_path).request_timeout == expected
+
+
+def test_options_read_every_setting_from_each_source(tmp_path: Path) -> None:
+    """Settings from flags, the environment and .env are combined into one Config."""
+    config = parse(
+        ["--target", "http://127.0.0.1:9000/v1", "--ssl-verify", "no", "--log-level", "debug"],
+        {"CONNECT_TIMEOUT": "3", "CORS_METHODS": '["GET","POST"]'},
+        "PORT=9090\nHOST=127.0.0.1\nMAX_WORKERS=4\nSSL_VERIFY=yes\n",
+        tmp=tmp_path,
+    )
+    assert config.target_url == "http://127.0.0.1:9000/v1"
+    assert config.ssl_verify is False
+    assert config.log_level == "DEBUG"
+    assert config.connect_timeout == 3.0
+    assert config.cors_methods == ("GET", "POST")
+    assert config.endpoints == ("tcp:9090:interface=127.0.0.1",)
+    assert config.max_workers == 4
+
+
+def test_missing_dotenv_file_is_fine(tmp_path: Path) -> None:
+    """Without a .env file the environment and defaults apply."""
+    assert parse([], {"PORT": "1234"}, None, tmp=tmp_path).port == 1234
+
+
+def test_port_is_repeatable(tmp_path: Path) -> None:
+    """--port and -p take endpoint strings, each one a listener, in order."""
+    config = parse(
+        ["--port", "tcp:8001", "-p", "tcp:8002:interface=127.0.0.1", "--port=unix:/tmp/a.sock"],
+        tmp=tmp_path,
+    )
+    assert config.endpoints == ("tcp:8001", "tcp:8002:interface=127.0.0.1", "unix:/tmp/a.sock")
+
+
+def test_port_replaces_host_and_port(tmp_path: Path) -> None:
+    """With --port given, HOST and PORT no longer make a listener."""
+    config = parse(["--port", "tcp:8001"], {"PORT": "9000", "HOST": "127.0.0.1"}, tmp=tmp_path)
+    assert config.endpoints == ("tcp:8001",)
+
+
+def test_options_instances_do_not_share_ports(tmp_path: Path) -> None:
+    """Each Options starts with no --port values of its own."""
+    parse(["--port", "tcp:8001"], tmp=tmp_path)
+    assert parse([], tmp=tmp_path).listen == ()
+
+
+@pytest.mark.parametrize(
+    ("args", "environ", "dotenv", "named"),
+    [
+        (["--request-timeout", "-1"], {}, None, "REQUEST_TIMEOUT"),
+        ([], {"CONNECT_TIMEOUT": "abc"}, None, "CONNECT_TIMEOUT"),
+        ([], {}, "SSL_VERIFY=perhaps\n", "SSL_VERIFY"),
+        (["--target", "ftp://x.example"], {}, None, "TARGET_URL"),
+        (["--listen-port", "eighty"], {}, None, "PORT"),
+        ([], {"LOG_LEVEL": "chatty"}, None, "LOG_LEVEL"),
+    ],
+)
+def test_bad_values_exit_with_one_line_naming_the_setting(
+    args: list[str], environ: dict[str, str], dotenv: str | None, named: str, tmp_path: Path
+) -> None:
+    """A bad value stops the program with one line naming the setting, no traceback."""
+    with pytest.raises(SystemExit) as caught:
+        parse(args, environ, dotenv, tmp=tmp_path)
+    message = caught.value.code
+    assert isinstance(message, str)
+    assert message.startswith(f"aiproxy: invalid configuration: {named} (--")
+    assert "\n" not in message
+
+
+def test_usage_mentions_every_environment_variable_and_default() -> None:
+    """--help shows each option with its environment variable and its default."""
+    usage = " ".join(str(Options(environ={})).split())
+    for setting in settings():
+        assert f"--{setting.flag}=" in usage
+        assert f"[env: {setting.env}]" in usage
+        assert f"[default: {setting.show_default()}]" in usage
+    assert "--port=" in usage
+    assert "[default: tcp:$PORT:interface=$HOST]" in usage
+
+
+def test_build_service_listens_once_per_endpoint() -> None:
+    """Each endpoint string becomes one listener serving the proxy site."""
+    reactor = MemoryReactorClock()
+    config = Config(listen=("tcp:8081:interface=127.0.0.1", "tcp:8082"))
+    service = build_service(config, reactor)
+    assert reactor.tcpServers == []
+    service.startService()
+    listening = [(port, interface) for port, _, _, interface in reactor.tcpServers]
+    assert listening == [(8081, "127.0.0.1"), (8082, "")]
+    sites = {factory for _, factory, _, _ in reactor.tcpServers}
+    assert len(sites) == 1
+    assert isinstance(sites.pop(), ProxySite)
+    service.stopService()
+
+
+def test_build_service_default_listener() -> None:
+    """Without --port, the service listens on HOST:PORT."""
+    reactor = MemoryReactorClock()
+    service = build_service(Config(host="127.0.0.1", port=9999), reactor)
+    service.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (9999, "127.0.0.1")
+    ]
+    service.stopService()
+
+
+class IdleConnection:
+    """A pooled upstream connection that records being aborted."""
+
+    state = "QUIESCENT"
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abort(self) -> object:
+        self.aborted = True
+        return succeed(None)
+
+
+def test_stop_service_closes_the_upstream_pool() -> None:
+    """Stopping the service aborts idle upstream connections and cancels their timers."""
+    reactor = MemoryReactorClock()
+    service = build_service(Config(listen=("tcp:8081",)), reactor)
+    service.startService()
+    [pool_service] = [s for s in service if isinstance(s, PoolService)]
+    connection = IdleConnection()
+    pool_service.pool._putConnection(("key",), connection)
+    assert reactor.getDelayedCalls()
+    stopped = service.stopService()
+    assert connection.aborted
+    assert reactor.getDelayedCalls() == []
+    assert stopped.called
+
+
+@pytest.mark.parametrize("endpoint", ["nonsense:1", "tcp:notaport", "tcp"])
+def test_invalid_endpoint_is_a_config_error(endpoint: str) -> None:
+    """An unparsable --port value fails as a ConfigError quoting it."""
+    with pytest.raises(ConfigError, match="--port"):
+        build_service(Config(listen=(endpoint,)), MemoryReactorClock())
