@@ -17,7 +17,9 @@ __all__ = [
     "HOP_BY_HOP",
     "choose_request_id",
     "client_response_headers",
+    "connection_tokens",
     "end_to_end",
+    "new_request_id",
     "upstream_request_headers",
 ]
 
@@ -55,6 +57,16 @@ REPLACED_ON_REQUEST = frozenset(
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}\Z")
 
 
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """The lower-case header names listed in ``headers``' ``Connection`` values."""
+    return frozenset(
+        token.strip().lower()
+        for value in headers.getRawHeaders(b"connection", ())
+        for token in value.split(b",")
+        if token.strip()
+    )
+
+
 def end_to_end(
     headers: Headers, also_drop: frozenset[bytes] = frozenset()
 ) -> Iterator[tuple[bytes, Sequence[bytes]]]:
@@ -64,17 +76,20 @@ def end_to_end(
     @param also_drop: further lower-case names to leave out.
     """
     drop = HOP_BY_HOP | also_drop
-    connection = headers.getRawHeaders(b"connection")
-    if connection:
-        drop = drop | {token.strip().lower() for value in connection for token in value.split(b",")}
+    if headers.hasHeader(b"connection"):
+        drop = drop | connection_tokens(headers)
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in drop:
             yield name, values
 
 
+def new_request_id() -> bytes:
+    """A fresh unique request ID: 32 hex digits."""
+    return uuid.uuid4().hex.encode("ascii")
+
+
 def choose_request_id(
-    incoming: Iterable[bytes] | None,
-    new_id: Callable[[], bytes] = lambda: uuid.uuid4().hex.encode(),
+    incoming: Iterable[bytes] | None, new_id: Callable[[], bytes] = new_request_id
 ) -> bytes:
     """
     The client's ``X-Request-ID`` when it is one sane token, else a fresh unique one.

@@ -9,7 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -133,6 +133,9 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase)
         for name, values in client_response_headers(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
+        if response.length is not UNKNOWN_LENGTH and _may_have_body(response.code):
+            # twisted's client keeps Content-Length apart from the other headers.
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         # Send the headers now: a stream's first event may be a while coming.
         request.write(b"")
         self.forwarder = ResponseForwarder(request)
@@ -187,6 +190,10 @@ class _Exchange:
             failure,
             request_id=self.request_id.decode("ascii"),
         )
+
+
+def _may_have_body(status: int) -> bool:
+    return status >= 200 and status not in (204, 304)
 
 
 def _declares_body(request: Request) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from dotenv import dotenv_values
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from aiproxy.config import Config, ConfigError, load_config, settings
@@ -87,6 +88,9 @@ def build_service(config: Config, reactor: Any) -> MultiService:
             listener = strports.service(description, site, reactor=reactor)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
+        # Fail startService when the port cannot be opened, instead of logging and
+        # running on without a listener.
+        listener._raiseSynchronously = True
         listener.setServiceParent(top)
     return top
 
@@ -98,6 +102,19 @@ def makeService(options: Options) -> IService:
     config: Config = options["config"]
     use_aiproxy_logging(options, config.twisted_log_level)
     try:
-        return build_service(config, reactor)
+        service = build_service(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
+    command_line = _ExitIfCannotListen()
+    service.setServiceParent(command_line)
+    return command_line
+
+
+class _ExitIfCannotListen(MultiService):
+    """Ends ``twist`` with one line, not a traceback, when a port cannot be opened."""
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise SystemExit(f"aiproxy: {e}") from None

@@ -10,13 +10,24 @@ Endpoints:
   events (default 5) and their spacing (default 0). Each event carries ``fake_ts``,
   the upstream clock's time when it was written.
 - ``GET /v1/models``: a model list.
-- ``/echo...`` (any method): what the upstream received, as JSON.
+- ``GET /sse/COUNT/INTERVAL_MS``: the same event stream as a streamed chat
+  completion, ``COUNT`` events ``INTERVAL_MS`` milliseconds apart.
+- ``/echo...`` (any method): what the upstream received, as JSON: method, raw request
+  target, HTTP version, every header value in order, body length and SHA-256.
 - ``GET /bytes/N``: ``N`` bytes with ``Content-Length``, written with flow control.
-- ``POST /sink``: the body's length, ``{"received": N}``.
+- ``POST /sink``: the body's length and SHA-256, ``{"received": N, "sha256": HEX}``,
+  read in pieces (never into memory whole).
 - ``GET /status/CODE``: that status with a small JSON body.
+- ``GET /hop-by-hop``: a response whose ``Connection`` header names
+  ``X-Upstream-Private``, with that header, ``Keep-Alive``, ``Proxy-Authenticate`` and
+  an end-to-end ``X-End-To-End: kept``.
 - ``/hang``: never answers (until the client closes).
+- ``/slow-headers/SECONDS``: answers with a small JSON body after ``SECONDS``.
 - ``GET /truncated/N`` and ``GET /truncated-chunked/N``: start an ``N``-byte body
   (declared with ``Content-Length``, or chunked), send half, then drop the connection.
+
+Paths are matched below the point where the resource is mounted, so it can also be
+served under a prefix (``root.putChild(b"prefix", FakeOpenAI(clock))``).
 
 :class:`UpstreamStats` counts what happened, including streams the client aborted.
 """
@@ -25,21 +36,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import IO, Any, cast
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
+
+from aiproxy.target import local_target
 
 __all__ = ["FakeOpenAI", "UpstreamStats", "chat_completion", "sse_event"]
 
 
 @attrs.define
 class UpstreamStats:
-    """What the fake upstream has seen and done."""
+    """
+    What the fake upstream has seen and done.
+
+    @ivar requests: requests received, on any path.
+    @ivar hangs_aborted: ``/hang`` and ``/slow-headers`` requests whose client went
+        away before the answer.
+    @ivar bytes_served: body bytes written by ``/bytes/N``.
+    @ivar last_echo: what the last ``/echo`` request looked like.
+    """
 
     requests: int = 0
     streams_started: int = 0
@@ -87,27 +108,35 @@ class FakeOpenAI(Resource):
     def render(self, request: Request) -> bytes | int:
         """Dispatch on the path."""
         self.stats.requests += 1
-        path = request.path
+        path = local_target(request.path, len(request.prepath or ()))
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request)
         if path == b"/v1/models":
             return _json(request, {"object": "list", "data": [{"id": "fake-model"}]})
+        if path.startswith(b"/sse/"):
+            count, interval_ms = path[5:].split(b"/")
+            return self._stream(request, "fake-model", int(count), float(interval_ms) / 1000)
         if path.startswith(b"/echo"):
             return self._echo(request)
         if path.startswith(b"/bytes/"):
             _BodyWriter(request, int(path[7:]), self.clock, self.stats).start()
             return NOT_DONE_YET
         if path == b"/sink":
-            return _json(request, {"received": len(request.content.read())})
+            return self._sink(request)
         if path.startswith(b"/status/"):
             code = int(path[8:])
             request.setResponseCode(code)
             return _json(request, {"status": code})
+        if path == b"/hop-by-hop":
+            return self._hop_by_hop(request)
         if path == b"/hang":
             request.notifyFinish().addErrback(self._hang_aborted)
             return NOT_DONE_YET
+        if path.startswith(b"/slow-headers/"):
+            return self._slow_headers(request, float(path[14:]))
         if path.startswith(b"/truncated"):
-            return self._truncated(request, int(path.rsplit(b"/", 1)[1]))
+            chunked = path.startswith(b"/truncated-chunked/")
+            return self._truncated(request, int(path.rsplit(b"/", 1)[1]), chunked)
         request.setResponseCode(404)
         return _json(request, {"error": {"message": "no such fake endpoint"}})
 
@@ -115,17 +144,20 @@ class FakeOpenAI(Resource):
         self.stats.hangs_aborted += 1
 
     def _chat(self, request: Request) -> bytes | int:
-        body = json.loads(request.content.read() or b"{}")
+        body = json.loads(_body(request).read() or b"{}")
         model = body.get("model", "fake-model")
         if not body.get("stream"):
             return _json(request, chat_completion(model, "Hello there"))
         count = int(request.getHeader(b"x-fake-chunks") or 5)
         interval = float(request.getHeader(b"x-fake-interval-ms") or 0) / 1000
+        return self._stream(request, model, count, interval)
+
+    def _stream(self, request: Request, model: str, count: int, interval: float) -> int:
         _EventStream(request, model, count, interval, self.clock, self.stats).start()
         return NOT_DONE_YET
 
     def _echo(self, request: Request) -> bytes:
-        body = request.content.read()
+        body = _body(request).read()
         seen = {
             "method": request.method.decode(),
             "uri": request.uri.decode("latin-1"),
@@ -141,12 +173,50 @@ class FakeOpenAI(Resource):
         self.stats.last_echo = seen
         return _json(request, seen)
 
-    def _truncated(self, request: Request, size: int) -> int:
-        if not request.path.startswith(b"/truncated-chunked"):
+    def _sink(self, request: Request) -> bytes:
+        received = 0
+        digest = hashlib.sha256()
+        while piece := _body(request).read(65536):
+            received += len(piece)
+            digest.update(piece)
+        return _json(request, {"received": received, "sha256": digest.hexdigest()})
+
+    def _hop_by_hop(self, request: Request) -> bytes:
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"Connection", [b"X-Upstream-Private"])
+        headers.setRawHeaders(b"X-Upstream-Private", [b"secret"])
+        headers.setRawHeaders(b"Keep-Alive", [b"timeout=5, max=100"])
+        headers.setRawHeaders(b"Proxy-Authenticate", [b'Basic realm="upstream"'])
+        headers.setRawHeaders(b"X-End-To-End", [b"kept"])
+        return _json(request, {"hop_by_hop": True})
+
+    def _slow_headers(self, request: Request, seconds: float) -> int:
+        def answer() -> None:
+            request.write(_json(request, {"slept": seconds}))
+            request.finish()
+
+        timer = self.clock.callLater(seconds, answer)
+
+        def aborted(reason: Failure) -> None:
+            if timer.active():
+                timer.cancel()
+                self.stats.hangs_aborted += 1
+
+        request.notifyFinish().addErrback(aborted)
+        return NOT_DONE_YET
+
+    def _truncated(self, request: Request, size: int, chunked: bool) -> int:
+        if not chunked:
             request.setHeader(b"Content-Length", b"%d" % size)
         request.write(b"x" * (size // 2))
-        self.clock.callLater(0.05, request.transport.abortConnection)
+        transport = cast(ITCPTransport, request.transport)
+        self.clock.callLater(0.05, transport.abortConnection)
         return NOT_DONE_YET
+
+
+def _body(request: Request) -> IO[bytes]:
+    assert request.content is not None, "twisted.web always sets the body"
+    return request.content
 
 
 def _json(request: Request, document: object) -> bytes:

@@ -1,8 +1,14 @@
 """
 The HTTP client side: one pooled ``Agent`` that only ever talks to the configured target.
+
+Two private corners of twisted.web's client are used, both in this module: the pool's
+``_factory`` (to build our connection class) and a connection's ``_parser`` (to read the
+upstream's ``Connection`` header, which the public ``Response`` does not show).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -22,10 +28,17 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.ssl import CertificateOptions
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from aiproxy.headers import connection_tokens
 from aiproxy.target import Target
 
 __all__ = ["InsecureTLSPolicy", "UpstreamEndpoints", "make_agent", "make_pool"]
@@ -40,10 +53,49 @@ so that the proxy, not the upstream, closes it."""
 
 def make_pool(reactor: IReactorCore) -> HTTPConnectionPool:
     """A persistent connection pool sized for a proxy."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = _UpstreamPool(reactor, persistent=True)
     pool.maxPersistentPerHost = IDLE_CONNECTIONS_PER_HOST
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
     return pool
+
+
+class _ConnectionTokenDropping(HTTP11ClientProtocol):
+    """
+    An HTTP/1.1 client connection that also drops the response headers its
+    ``Connection`` header names.
+
+    Twisted's client sets the fixed connection-control headers apart from
+    ``response.headers`` (``Connection`` among them) but leaves the headers that
+    ``Connection`` names in, so only its parser can tell which those are.
+    """
+
+    def request(self, request: Any) -> Deferred[Any]:
+        """Send ``request``; strip its response's ``Connection``-named headers on arrival."""
+        result: Deferred[Any] = super().request(request)
+        parser = self._parser
+        if parser is not None:
+            all_headers_received = parser.allHeadersReceived
+
+            def strip_then_continue() -> None:
+                for name in connection_tokens(parser.connHeaders):
+                    parser.headers.removeHeader(name)
+                all_headers_received()
+
+            parser.allHeadersReceived = strip_then_continue  # type: ignore[method-assign]
+        return result
+
+
+class _UpstreamClientFactory(_HTTP11ClientFactory):
+    """Builds :class:`_ConnectionTokenDropping` connections, without a log line each."""
+
+    noisy = False
+
+    def buildProtocol(self, addr: object) -> HTTP11ClientProtocol:
+        return _ConnectionTokenDropping(self._quiescentCallback)
+
+
+class _UpstreamPool(HTTPConnectionPool):
+    _factory = _UpstreamClientFactory
 
 
 def make_agent(
