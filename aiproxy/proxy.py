@@ -190,6 +190,8 @@ class _Exchange:
             failure,
             request_id=self.request_id.decode("ascii"),
         )
+        if not self.client_gone and not self.request.finished:
+            send_error(self.request, InternalError("aiproxy failed to handle this request"))
 
 
 def _may_have_body(status: int) -> bool:

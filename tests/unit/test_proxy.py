@@ -576,3 +576,24 @@ def test_bodiless_statuses_are_relayed(proxy: Proxy, status: int) -> None:
     head, _, rest = raw.partition(b"\r\n\r\n")
     assert b'ETag: "abc"' in head
     assert rest == b""
+
+
+class _BrokenResponse:
+    """An upstream response that makes the proxy's own code fail."""
+
+    code = 200
+    phrase = b"OK"
+
+    @property
+    def headers(self) -> object:
+        raise RuntimeError("a bug in handling the response")
+
+
+def test_a_bug_while_relaying_answers_500_json(proxy: Proxy) -> None:
+    """If aiproxy itself fails on a response, the client gets a 500 JSON error, not a hang."""
+    proxy.client.request(b"GET", b"/v1/models", [(b"X-Request-ID", b"req-bug")])
+    proxy.agent.last.deferred.callback(_BrokenResponse())
+    response = proxy.client.response()
+    assert response.status == 500
+    error = error_of(response)
+    assert (error["type"], error["request_id"]) == ("internal_error", "req-bug")
