@@ -7,8 +7,8 @@ Headers are handled as raw bytes with every value kept (``getAllRawHeaders`` /
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from twisted.web.http_headers import Headers
@@ -84,8 +84,8 @@ def end_to_end(
 
 
 def new_request_id() -> bytes:
-    """A fresh unique request ID: 32 hex digits."""
-    return uuid.uuid4().hex.encode("ascii")
+    """A fresh unique request ID: 32 random hex digits."""
+    return os.urandom(16).hex().encode("ascii")
 
 
 def choose_request_id(

@@ -45,6 +45,8 @@ LEVEL_NAMES = {
     LogLevel.critical: "CRITICAL",
 }
 
+_ENCODER = json.JSONEncoder(default=repr)
+
 # Keys of twisted.python.log's legacy events that duplicate the structured ones.
 _LEGACY_KEYS = frozenset({"message", "format", "time", "system", "isError", "why", "failure"})
 
@@ -103,9 +105,9 @@ def _json_line(stamp: _SecondStamp) -> Callable[[LogEvent], str]:
             "message": format_message(event),
         }
         for key, value in event.items():
-            if not key.startswith("log_") and key not in _LEGACY_KEYS and key not in record:
+            if key[:4] != "log_" and key not in _LEGACY_KEYS and key not in record:
                 record[key] = value
-        return json.dumps(record, default=repr) + "\n"
+        return _ENCODER.encode(record) + "\n"
 
     return render
 

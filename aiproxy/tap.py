@@ -72,13 +72,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     @raise ConfigError: an endpoint string cannot be parsed.
     """
     pool = make_pool(reactor)
-    agent = make_agent(
-        reactor,
-        config.target,
-        pool,
-        connect_timeout=config.connect_timeout,
-        verify_tls=config.ssl_verify,
-    )
+    agent = make_agent(reactor, config, pool)
     site = build_site(build_resource(config, agent, reactor), reactor)
     top = MultiService()
     # Services stop in reverse order: the listeners first, then the pool.

@@ -38,6 +38,7 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
+from aiproxy.config import Config
 from aiproxy.headers import connection_tokens
 from aiproxy.target import Target
 
@@ -98,22 +99,20 @@ class _UpstreamPool(HTTPConnectionPool):
     _factory = _UpstreamClientFactory
 
 
-def make_agent(
-    reactor: IReactorCore,
-    target: Target,
-    pool: HTTPConnectionPool,
-    *,
-    connect_timeout: float,
-    verify_tls: bool = True,
-) -> Agent:
+def make_agent(reactor: IReactorCore, config: Config, pool: HTTPConnectionPool) -> Agent:
     """
-    The ``Agent`` for ``target``: no redirects followed, no content decoding.
+    The ``Agent`` for ``config``'s target, over ``pool``: it follows no redirects and
+    decodes no content.
 
-    TLS certificates are checked against the system's trust store unless
-    ``verify_tls`` is false.
+    Connections time out after ``config.connect_timeout``; TLS certificates are checked
+    against the system's trust store unless ``config.ssl_verify`` is false.
     """
-    policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS() if verify_tls else InsecureTLSPolicy()
-    endpoints = UpstreamEndpoints(reactor, target, connect_timeout=connect_timeout, policy=policy)
+    policy: IPolicyForHTTPS = (
+        BrowserLikePolicyForHTTPS() if config.ssl_verify else InsecureTLSPolicy()
+    )
+    endpoints = UpstreamEndpoints(
+        reactor, config.target, connect_timeout=config.connect_timeout, policy=policy
+    )
     return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
 
 

@@ -26,7 +26,7 @@ def main(target_url: str, port: int = 8081) -> None:
     """Serve ``/`` and ``/openai/...`` on ``port`` until interrupted."""
     config = Config(target_url=target_url, request_timeout=120)
     pool = make_pool(reactor)
-    agent = make_agent(reactor, config.target, pool, connect_timeout=config.connect_timeout)
+    agent = make_agent(reactor, config, pool)
 
     root = Resource()
     root.putChild(b"", Data(b"my own application\n", "text/plain"))

@@ -103,13 +103,7 @@ async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
     def start(target_url: str, **settings: Any) -> Proxy:
         config = Config(target_url=target_url, **settings)
         pool = make_pool(reactor)
-        agent = make_agent(
-            reactor,
-            config.target,
-            pool,
-            connect_timeout=config.connect_timeout,
-            verify_tls=config.ssl_verify,
-        )
+        agent = make_agent(reactor, config, pool)
         root = build_resource(config, agent, reactor)
         proxy = Proxy(config, root, pool, _listen(build_site(root, reactor)))
         started.append(proxy)

@@ -22,6 +22,7 @@ from .support import (
     raw_exchange,
     request,
     sleep,
+    within,
 )
 
 
@@ -277,3 +278,31 @@ async def test_targets_that_are_not_paths_are_refused(
     assert response.status == status
     assert response.json()["error"]["type"] == error_type
     assert upstream.stats.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "method", "body"),
+    [
+        (b"GET /echo/old?x=1 HTTP/1.0\r\nHost: proxy\r\n\r\n", "GET", b""),
+        (
+            b"POST /echo/old?x=1 HTTP/1.0\r\nHost: proxy\r\nContent-Length: 5\r\n\r\nhello",
+            "POST",
+            b"hello",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_http_1_0_clients_are_served(
+    raw: bytes, method: str, body: bytes, upstream: Upstream, proxy: Proxy
+) -> None:
+    """An HTTP/1.0 client gets an HTTP/1.0 response, ended by closing the connection."""
+    client = await connect_raw(proxy.port)
+    client.transport.write(raw)
+    await within(client.closed, 5)
+    assert bytes(client.received).startswith(b"HTTP/1.0 200 ")
+    response = parse_response(bytes(client.received), eof=True)
+    assert response is not None
+    assert not response.header(b"transfer-encoding")
+    echo = response.json()
+    assert (echo["method"], echo["uri"]) == (method, "/echo/old?x=1")
+    assert echo["body_sha256"] == hashlib.sha256(body).hexdigest()

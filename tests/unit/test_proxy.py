@@ -545,7 +545,7 @@ def test_request_target_the_http_client_cannot_send_is_400() -> None:
     clock = Clock()
     target = parse_target(TARGET_URL)
     reactor = MemoryReactorClock()
-    agent = make_agent(reactor, target, make_pool(reactor), connect_timeout=1)
+    agent = make_agent(reactor, Config(target_url=TARGET_URL), make_pool(reactor))
     resource = ReverseProxyResource(target, agent, clock, request_timeout=30)
     client = ClientConnection(build_site(ProxyRoot({}, resource), clock))
     client.send(b"GET /v1/a\x7fb HTTP/1.1\r\nHost: x\r\n\r\n")
