@@ -7,6 +7,7 @@ the reactor, the clock and the HTTP agent as arguments.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -95,6 +96,7 @@ def makeService(options: Options) -> IService:
 
     config: Config = options["config"]
     use_aiproxy_logging(options, config.twisted_log_level)
+    _tune_garbage_collector()
     try:
         service = build_service(config, reactor)
     except ConfigError as e:
@@ -102,6 +104,20 @@ def makeService(options: Options) -> IService:
     command_line = _ExitIfCannotListen()
     service.setServiceParent(command_line)
     return command_line
+
+
+def _tune_garbage_collector() -> None:
+    """
+    Collect cyclic garbage less often, and never rescan what start-up loaded.
+
+    Each proxied request allocates a few hundred objects (Deferreds, protocols,
+    headers), so CPython's default threshold of 700 runs a collection every few
+    requests; at 20,000 the proxy served about 8% more small requests per CPU second
+    (see BENCHMARKS.md). Memory is unaffected in practice: nearly all of that garbage
+    is freed by reference counting, not by the collector.
+    """
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 class _ExitIfCannotListen(MultiService):
