@@ -99,6 +99,25 @@ def parse_float(text: str) -> float:
     return value
 
 
+def parse_status_list(text: str) -> tuple[int, ...]:
+    """HTTP status codes, as ``502,503`` or ``[502, 503]``; empty means none."""
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{text!r} is not a JSON list: {e.msg}") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{text!r} is not a list")
+    else:
+        items = [item for item in text.split(",") if item.strip()]
+    statuses = tuple(parse_int(str(item)) for item in items)
+    for status in statuses:
+        if not 100 <= status <= 599:
+            raise ValueError(f"{status} is not an HTTP status code")
+    return statuses
+
+
 LOG_LEVELS: Mapping[str, LogLevel] = {
     "DEBUG": LogLevel.debug,
     "INFO": LogLevel.info,
@@ -124,6 +143,7 @@ def _endpoint_strings(endpoints: Iterable[str]) -> tuple[str, ...]:
 _CONVERTERS: Mapping[Callable[[str], Any], Callable[[Any], Any]] = {
     parse_float: float,
     parse_list: tuple,
+    parse_status_list: tuple,
 }
 
 
@@ -279,6 +299,71 @@ class Config:
     )
     ssl_verify: bool = _setting(
         True, "SSL_VERIFY", "ssl-verify", "Verify the upstream's TLS certificate", parse_bool
+    )
+    retry_on_status: tuple[int, ...] = _setting(
+        (),
+        "RETRY_ON_STATUS",
+        "retry-on-status",
+        "Upstream statuses to retry, such as 502,503 (parsed; not yet acted on)",
+        parse_status_list,
+    )
+    stream_idle_timeout: float = _setting(
+        300.0,
+        "STREAM_IDLE_TIMEOUT",
+        "stream-idle-timeout",
+        "Seconds without upstream body bytes before a response is cut off"
+        " (parsed; not yet acted on)",
+        parse_float,
+        _at_least(0, strict=True),
+    )
+    total_timeout: float = _setting(
+        0.0,
+        "TOTAL_TIMEOUT",
+        "total-timeout",
+        "Seconds a whole exchange may take, 0 for no limit (parsed; not yet acted on)",
+        parse_float,
+        _at_least(0),
+    )
+    header_timeout: float = _setting(
+        10.0,
+        "HEADER_TIMEOUT",
+        "header-timeout",
+        "Seconds a client may take to send its request head (parsed; not yet acted on)",
+        parse_float,
+        _at_least(0, strict=True),
+    )
+    body_min_rate: int = _setting(
+        500,
+        "BODY_MIN_RATE",
+        "body-min-rate",
+        "Slowest accepted request body upload in bytes per second, 0 for no limit"
+        " (parsed; not yet acted on)",
+        parse_int,
+        _at_least(0),
+    )
+    max_body_size: int = _setting(
+        104_857_600,
+        "MAX_BODY_SIZE",
+        "max-body-size",
+        "Largest accepted request body in bytes (parsed; not yet acted on)",
+        parse_int,
+        _at_least(0),
+    )
+    max_concurrent_requests: int = _setting(
+        0,
+        "MAX_CONCURRENT_REQUESTS",
+        "max-concurrent-requests",
+        "Proxied requests handled at once, 0 for no limit (parsed; not yet acted on)",
+        parse_int,
+        _at_least(0),
+    )
+    graceful_timeout: float = _setting(
+        30.0,
+        "GRACEFUL_TIMEOUT",
+        "graceful-timeout",
+        "Seconds in-flight requests may finish after SIGTERM (parsed; not yet acted on)",
+        parse_float,
+        _at_least(0),
     )
     listen: tuple[str, ...] = attrs.field(default=(), converter=_endpoint_strings)
     """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from aiproxy._version import __version__
+from aiproxy.activity import Activity
 from aiproxy.errors import InternalError, ProxyError, error_body
 from aiproxy.headers import choose_request_id
 from aiproxy.streaming import abort_response
@@ -45,6 +46,7 @@ class ProxyRequest(Request):
     request_id: bytes = b""
     received_at: float = 0.0
     clock: IReactorTime
+    activity: Activity
 
     def process(self) -> None:
         """Assign the request ID, log the start, then find and render the resource."""
@@ -59,7 +61,9 @@ class ProxyRequest(Request):
             client=(client_ip(self) or b"unix").decode("ascii"),
             request_id=self.request_id.decode("ascii"),
         )
-        self.notifyFinish().addBoth(self._log_completion)
+        self.activity = channel.site.activity
+        self.activity.started(self)
+        self.notifyFinish().addBoth(self._ended)
         super().process()
 
     def write(self, data: bytes) -> None:
@@ -81,7 +85,9 @@ class ProxyRequest(Request):
         )
         send_error(self, InternalError("aiproxy failed to handle this request"))
 
-    def _log_completion(self, result: Failure | None) -> None:
+    def _ended(self, result: Failure | None) -> None:
+        """The response has ended, or the client has gone: record and log it."""
+        self.activity.ended(self)
         elapsed = self.clock.seconds() - self.received_at
         fields = {
             "method": self.method.decode("ascii", "replace"),

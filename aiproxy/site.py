@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
@@ -10,6 +11,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from aiproxy.activity import Activity
 from aiproxy.config import Config
 from aiproxy.health import HealthResource, PingResource
 from aiproxy.proxy import ReverseProxyResource
@@ -56,18 +58,27 @@ class ProxySite(Site):
 
     requestFactory = ProxyRequest
 
+    def __init__(self, resource: IResource, activity: Activity, **kwargs: Any) -> None:
+        super().__init__(resource, **kwargs)
+        self.activity = activity
+
     def log(self, request: http.Request) -> None:
         """No access log line; see :class:`ProxyRequest`."""
 
 
-def build_site(root: IResource, clock: IReactorTime) -> ProxySite:
+def build_site(root: IResource, clock: IReactorTime, activity: Activity | None = None) -> ProxySite:
     """
-    A :class:`ProxySite` for ``root`` on ``clock``.
+    A :class:`ProxySite` for ``root`` on ``clock``, recording its requests in
+    ``activity`` (a new one if not given).
 
     Request bodies are never parsed as forms: a proxy passes them on as bytes.
     """
     return ProxySite(
-        root, reactor=clock, timeout=CLIENT_IDLE_TIMEOUT, parsePOSTFormSubmission=False
+        root,
+        Activity() if activity is None else activity,
+        reactor=clock,
+        timeout=CLIENT_IDLE_TIMEOUT,
+        parsePOSTFormSubmission=False,
     )
 
 

@@ -34,6 +34,14 @@ DOCUMENTED_ENV_VARS = [
     "MAX_RETRIES",
     "RETRY_BACKOFF_FACTOR",
     "SSL_VERIFY",
+    "RETRY_ON_STATUS",
+    "STREAM_IDLE_TIMEOUT",
+    "TOTAL_TIMEOUT",
+    "HEADER_TIMEOUT",
+    "BODY_MIN_RATE",
+    "MAX_BODY_SIZE",
+    "MAX_CONCURRENT_REQUESTS",
+    "GRACEFUL_TIMEOUT",
 ]
 
 
@@ -386,3 +394,19 @@ def test_settings_describe_each_setting() -> None:
 def test_each_default_survives_a_round_trip(setting: Setting) -> None:
     """Writing a default the way --help shows it and reading it back gives the default."""
     assert setting.parse(setting.show_default()) == setting.default
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("", ()), ("502,503", (502, 503)), (" 429 , 503 ", (429, 503)), ("[502, 503]", (502, 503))],
+)
+def test_retry_on_status_parses_status_lists(text: str, expected: tuple[int, ...]) -> None:
+    """RETRY_ON_STATUS takes comma-separated or JSON lists of statuses."""
+    assert load_config({}, {"RETRY_ON_STATUS": text}, {}).retry_on_status == expected
+
+
+@pytest.mark.parametrize("text", ["99", "600", "abc", "[502", "{}"])
+def test_retry_on_status_rejects_non_statuses(text: str) -> None:
+    """A value that is not a list of HTTP statuses is a one-line error naming the setting."""
+    with pytest.raises(ConfigError, match="RETRY_ON_STATUS"):
+        load_config({}, {"RETRY_ON_STATUS": text}, {})
