@@ -17,6 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from aiproxy.retry import ReusedConnectionFailed
+
 __all__ = [
     "BadRequestTarget",
     "InternalError",
@@ -94,6 +96,7 @@ _CONNECT_FAILURES = (
     TLSError,
 )
 _EXCHANGE_FAILURES = (
+    ReusedConnectionFailed,
     ResponseNeverReceived,
     ResponseFailed,
     _newclient.RequestTransmissionFailed,

@@ -4,8 +4,11 @@ The reverse-proxy resource: one upstream exchange per client request, streamed.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,11 +26,15 @@ from aiproxy.errors import (
 )
 from aiproxy.headers import choose_request_id, client_response_headers, upstream_request_headers
 from aiproxy.request import client_ip, send_error
-from aiproxy.streaming import ReplayableBody, ResponseForwarder
+from aiproxy.retry import RetryPolicy, retry_after, retry_reason, with_retries
+from aiproxy.streaming import CLIENT_GONE, ReplayableBody, ResponseForwarder
 from aiproxy.target import Target, is_origin_form, local_target
 from aiproxy.timeouts import with_deadline
 
-__all__ = ["ReverseProxyResource"]
+__all__ = ["NO_RETRIES", "ReverseProxyResource"]
+
+NO_RETRIES = RetryPolicy(max_retries=0, backoff_factor=0)
+"""Every upstream request is sent once."""
 
 log = Logger(namespace="aiproxy")
 
@@ -43,6 +50,7 @@ class ReverseProxyResource(Resource):
 
     @ivar cancelled: how many upstream requests were cancelled because their client
         went away.
+    @ivar retries: how many upstream requests were sent again (see :mod:`aiproxy.retry`).
     """
 
     isLeaf = True
@@ -54,6 +62,9 @@ class ReverseProxyResource(Resource):
         clock: IReactorTime,
         *,
         request_timeout: float,
+        stream_idle_timeout: float = 300.0,
+        total_timeout: float = 0.0,
+        retry_policy: RetryPolicy = NO_RETRIES,
         read_size: int = 65536,
         cooperator: Cooperator | None = None,
     ) -> None:
@@ -62,9 +73,13 @@ class ReverseProxyResource(Resource):
         self.agent = agent
         self.clock = clock
         self.request_timeout = request_timeout
+        self.stream_idle_timeout = stream_idle_timeout
+        self.total_timeout = total_timeout
+        self.retry_policy = retry_policy
         self.read_size = read_size
         self.cooperator = cooperator
         self.cancelled = 0
+        self.retries = 0
 
     def render(self, request: Request) -> int | bytes:
         """Start the upstream exchange; the response is written as it arrives."""
@@ -81,45 +96,93 @@ class ReverseProxyResource(Resource):
 
 
 class _Exchange:
-    """One client request and the upstream request made for it."""
+    """One client request and the upstream request(s) made for it."""
 
     def __init__(self, resource: ReverseProxyResource, request: Request) -> None:
         self.resource = resource
         self.request = request
+        self.clock = resource.clock
         request_id = getattr(request, "request_id", b"")
         self.request_id = request_id or choose_request_id(
             request.requestHeaders.getRawHeaders(b"x-request-id")
         )
+        self.log_id = self.request_id.decode("ascii")
         self.url = resource.target.url_for(local_target(request.uri, len(request.prepath or ())))
         self.pending: Deferred[IResponse] | None = None
         self.forwarder: ResponseForwarder | None = None
         self.client_gone = False
+        self.total_timer: IDelayedCall | None = None
 
     def start(self) -> None:
         request = self.request
-        headers = upstream_request_headers(
+        resource = self.resource
+        self.headers = upstream_request_headers(
             request.requestHeaders,
             client_ip=client_ip(request),
             scheme=b"https" if request.isSecure() else b"http",
             request_id=self.request_id,
         )
         assert request.content is not None, "twisted.web sets it before render"
-        body = ReplayableBody(request.content, self.resource.read_size, self.resource.cooperator)
-        sends_body = body.length > 0 or _declares_body(request)
-        d = self.resource.agent.request(
-            request.method, self.url, headers, body.producer() if sends_body else None
-        )
+        self.body = ReplayableBody(request.content, resource.read_size, resource.cooperator)
+        self.sends_body = self.body.length > 0 or _declares_body(request)
+        # REQUEST_TIMEOUT (and TOTAL_TIMEOUT, if sooner) covers every attempt.
+        wait = resource.request_timeout
+        if resource.total_timeout:
+            wait = min(wait, resource.total_timeout)
+            self.total_timer = self.clock.callLater(resource.total_timeout, self.total_expired)
+        self.headers_deadline = self.clock.seconds() + wait
+        d = Deferred.fromCoroutine(with_retries(self.send, self.wait_before_next, self.clock))
         self.pending = d
-        timeout = self.resource.request_timeout
         with_deadline(
             d,
-            timeout,
-            self.resource.clock,
-            lambda: UpstreamTimeout(f"the upstream sent no response headers within {timeout:g}s"),
+            wait,
+            self.clock,
+            lambda: UpstreamTimeout(f"the upstream sent no response headers within {wait:g}s"),
         )
         d.addCallbacks(self.respond, self.fail)
         d.addErrback(self.bug)
-        request.notifyFinish().addErrback(self.client_went_away)
+        request.notifyFinish().addBoth(self.ended)
+
+    def send(self, attempt: int) -> Deferred[IResponse]:
+        """Send one attempt, with a body producer of its own."""
+        producer = self.body.producer() if self.sends_body else None
+        return self.resource.agent.request(self.request.method, self.url, self.headers, producer)
+
+    def wait_before_next(self, attempt: int, outcome: IResponse | Failure) -> float | None:
+        """Whether to try again after ``outcome``, and after how long (:mod:`aiproxy.retry`)."""
+        policy = self.resource.retry_policy
+        if self.client_gone or attempt >= policy.max_retries:
+            return None
+        if isinstance(outcome, Failure):
+            reason = retry_reason(outcome, self.request.method)
+            if reason is None:
+                return None
+            reason = f"{reason}: {describe_exception(outcome.value)}"
+            delay = policy.backoff(attempt + 1)
+        else:
+            if outcome.code not in policy.retry_on_status:
+                return None
+            reason = f"the upstream answered {outcome.code}"
+            asked = retry_after(outcome.headers, self.clock.seconds())
+            delay = policy.backoff(attempt + 1) if asked is None else asked
+        if self.clock.seconds() + delay >= self.headers_deadline:
+            return None  # the next attempt could not answer in time: keep this outcome
+        if not isinstance(outcome, Failure):
+            outcome.deliverBody(_Discard())
+        self.resource.retries += 1
+        self.request.retries = attempt + 1  # type: ignore[attr-defined]
+        log.warn(
+            "Retrying {method} {url} in {delay:.3f}s (retry {retry} of {max_retries}):"
+            " {reason} [ID: {request_id}]",
+            method=self.request.method.decode("ascii", "replace"),
+            url=self.url.decode("ascii", "replace"),
+            delay=delay,
+            retry=attempt + 1,
+            max_retries=policy.max_retries,
+            reason=reason,
+            request_id=self.log_id,
+        )
+        return delay
 
     def respond(self, response: IResponse) -> None:
         self.pending = None
@@ -128,7 +191,7 @@ class _Exchange:
             "Response {status} from {url}",
             status=response.code,
             url=self.url.decode("ascii", "replace"),
-            request_id=self.request_id.decode("ascii"),
+            request_id=self.log_id,
         )
         request.setResponseCode(response.code, response.phrase)
         for name, values in client_response_headers(response.headers):
@@ -138,8 +201,8 @@ class _Exchange:
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         # Send the headers now: a stream's first event may be a while coming.
         request.write(b"")
-        self.forwarder = ResponseForwarder(request)
-        self.forwarder.finished.addErrback(self.upstream_died)
+        self.forwarder = ResponseForwarder(request, self.clock, self.resource.stream_idle_timeout)
+        self.forwarder.finished.addErrback(self.body_cut_short)
         response.deliverBody(self.forwarder)
 
     def fail(self, failure: Failure) -> None:
@@ -151,7 +214,7 @@ class _Exchange:
             log.failure(
                 "Upstream request failed unexpectedly [ID: {request_id}]",
                 failure,
-                request_id=self.request_id.decode("ascii"),
+                request_id=self.log_id,
             )
         else:
             log.warn(
@@ -159,39 +222,53 @@ class _Exchange:
                 status=error.status,
                 url=self.url.decode("ascii", "replace"),
                 message=error.message,
-                request_id=self.request_id.decode("ascii"),
+                request_id=self.log_id,
             )
         send_error(self.request, error)
 
-    def upstream_died(self, failure: Failure) -> None:
+    def body_cut_short(self, failure: Failure) -> None:
         log.warn(
-            "Upstream body ended early, client response aborted: {reason} [ID: {request_id}]",
+            "Response body cut short, client response aborted: {reason} [ID: {request_id}]",
             reason=describe_exception(failure.value),
-            request_id=self.request_id.decode("ascii"),
+            request_id=self.log_id,
         )
 
-    def client_went_away(self, reason: Failure) -> None:
+    def total_expired(self) -> None:
+        self.total_timer = None
+        if self.forwarder is not None:
+            self.forwarder.stop(f"TOTAL_TIMEOUT of {self.resource.total_timeout:g}s reached")
+
+    def ended(self, result: Failure | None) -> None:
+        """The client's response has ended, or the client has gone."""
+        if self.total_timer is not None and self.total_timer.active():
+            self.total_timer.cancel()
+        if result is None:
+            return
         self.client_gone = True
         if self.pending is not None:
             self.pending.cancel()
-        elif self.forwarder is not None and not self.forwarder.finished.called:
-            self.forwarder.stop()
+        elif self.forwarder is not None and self.forwarder.streaming:
+            self.forwarder.stop(CLIENT_GONE)
         else:
             return
         self.resource.cancelled += 1
         log.info(
             "Client disconnected, upstream request cancelled [ID: {request_id}]",
-            request_id=self.request_id.decode("ascii"),
+            request_id=self.log_id,
         )
 
     def bug(self, failure: Failure) -> None:
-        log.failure(
-            "Bug while proxying [ID: {request_id}]",
-            failure,
-            request_id=self.request_id.decode("ascii"),
-        )
+        log.failure("Bug while proxying [ID: {request_id}]", failure, request_id=self.log_id)
         if not self.client_gone and not self.request.finished:
             send_error(self.request, InternalError("aiproxy failed to handle this request"))
+
+
+class _Discard(Protocol):
+    """Closes the connection of a response that is not passed on (it is being retried)."""
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        transport.stopProducing()
 
 
 def _may_have_body(status: int) -> bool:

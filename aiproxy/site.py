@@ -16,6 +16,7 @@ from aiproxy.config import Config
 from aiproxy.health import HealthResource, PingResource
 from aiproxy.proxy import ReverseProxyResource
 from aiproxy.request import ProxyRequest
+from aiproxy.retry import RetryPolicy
 from aiproxy.target import local_target
 
 __all__ = ["ProxyRoot", "ProxySite", "build_resource", "build_site"]
@@ -89,6 +90,11 @@ def build_resource(config: Config, agent: IAgent, clock: IReactorTime) -> ProxyR
         agent,
         clock,
         request_timeout=config.request_timeout,
+        stream_idle_timeout=config.stream_idle_timeout,
+        total_timeout=config.total_timeout,
+        retry_policy=RetryPolicy(
+            config.max_retries, config.retry_backoff_factor, config.retry_on_status
+        ),
         read_size=config.proxy_buffer_size,
     )
     endpoints = {b"/api/health": HealthResource(config), b"/api/ping": PingResource()}

@@ -15,7 +15,7 @@ import os
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
@@ -25,7 +25,14 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
-__all__ = ["BytesProducer", "ReplayableBody", "ResponseForwarder", "abort_response"]
+__all__ = [
+    "CLIENT_GONE",
+    "BodyCutShort",
+    "BytesProducer",
+    "ReplayableBody",
+    "ResponseForwarder",
+    "abort_response",
+]
 
 
 @implementer(IBodyProducer)
@@ -132,45 +139,85 @@ def abort_response(request: Request) -> None:
         transport.abortConnection()
 
 
+CLIENT_GONE = "the client disconnected"
+"""The reason given to :meth:`ResponseForwarder.stop` when the client has left."""
+
+
+class BodyCutShort(Exception):
+    """The proxy ended a response body early; the message says why."""
+
+
 class ResponseForwarder(Protocol):
     """
     Writes an upstream response body to the client as it arrives.
 
     The upstream connection is registered as the client request's streaming producer,
-    so the client's flow control reaches the upstream. ``finished`` fires with
-    L{None} when the whole body was delivered, or fails with the reason the upstream
-    body ended early (the client's response is then aborted).
+    so the client's flow control reaches the upstream. If no upstream bytes arrive for
+    ``idle_timeout`` seconds, the response is cut off. ``finished`` fires with L{None}
+    when the whole body was delivered (or the client left), or fails with the reason
+    the body ended early; the client's response is then aborted, never finished.
     """
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
         self.request = request
         self.finished: Deferred[None] = Deferred()
-        self._client_gone = False
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._last_data = clock.seconds()
+        self._idle_timer: IDelayedCall | None = None
+        self._stopped_because: str | None = None
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the body is still being forwarded."""
+        return self._stopped_because is None and not self.finished.called
 
     def connectionMade(self) -> None:
         """Let the client's flow control pause and resume the upstream."""
         self.request.registerProducer(self.transport, True)
+        self._idle_timer = self._clock.callLater(self._idle_timeout, self._check_idle)
 
     def dataReceived(self, data: bytes) -> None:
         """Pass each chunk on at once."""
-        if not self._client_gone:
+        if self._stopped_because is None:
+            self._last_data = self._clock.seconds()
             self.request.write(data)
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         """Finish the client's response, or abort it if the body ended early."""
-        if self._client_gone:
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        if self._stopped_because == CLIENT_GONE:
             self.finished.callback(None)
-            return
-        self.request.unregisterProducer()
-        if reason.check(ResponseDone, PotentialDataLoss):
+        elif self._stopped_because is not None:
+            self.finished.errback(BodyCutShort(self._stopped_because))
+        elif reason.check(ResponseDone, PotentialDataLoss):
+            self.request.unregisterProducer()
             self.request.finish()
             self.finished.callback(None)
         else:
+            self.request.unregisterProducer()
             abort_response(self.request)
             self.finished.errback(reason)
 
-    def stop(self) -> None:
-        """The client went away: close the upstream connection so it stops generating."""
-        self._client_gone = True
+    def stop(self, because: str) -> None:
+        """
+        End the body early and close the upstream connection, so it stops generating.
+
+        Unless ``because`` is :data:`CLIENT_GONE`, the client's response is aborted.
+        """
+        if not self.streaming:
+            return
+        self._stopped_because = because
+        if because != CLIENT_GONE:
+            abort_response(self.request)
         transport: Any = self.transport
         transport.stopProducing()
+
+    def _check_idle(self) -> None:
+        idle = self._clock.seconds() - self._last_data
+        if idle >= self._idle_timeout:
+            self._idle_timer = None
+            self.stop(f"no upstream data for {self._idle_timeout:g}s (STREAM_IDLE_TIMEOUT)")
+        else:
+            self._idle_timer = self._clock.callLater(self._idle_timeout - idle, self._check_idle)

@@ -28,7 +28,13 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.ssl import CertificateOptions
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseNeverReceived,
+)
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -40,6 +46,7 @@ from zope.interface import implementer
 
 from aiproxy.config import Config
 from aiproxy.headers import connection_tokens
+from aiproxy.retry import ReusedConnectionFailed, was_cancelled
 from aiproxy.target import Target
 
 __all__ = ["InsecureTLSPolicy", "UpstreamEndpoints", "make_agent", "make_pool"]
@@ -57,22 +64,30 @@ def make_pool(reactor: IReactorCore) -> HTTPConnectionPool:
     pool = _UpstreamPool(reactor, persistent=True)
     pool.maxPersistentPerHost = IDLE_CONNECTIONS_PER_HOST
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
+    # aiproxy decides about retries itself (aiproxy.retry), for every method alike.
+    pool.retryAutomatically = False
     return pool
 
 
-class _ConnectionTokenDropping(HTTP11ClientProtocol):
+class _UpstreamConnection(HTTP11ClientProtocol):
     """
     An HTTP/1.1 client connection that also drops the response headers its
-    ``Connection`` header names.
+    ``Connection`` header names, and tells a failure on a reused connection apart.
 
     Twisted's client sets the fixed connection-control headers apart from
     ``response.headers`` (``Connection`` among them) but leaves the headers that
     ``Connection`` names in, so only its parser can tell which those are.
     """
 
+    _requests_sent = 0
+
     def request(self, request: Any) -> Deferred[Any]:
         """Send ``request``; strip its response's ``Connection``-named headers on arrival."""
+        reused = self._requests_sent > 0
+        self._requests_sent += 1
         result: Deferred[Any] = super().request(request)
+        if reused:
+            result.addErrback(_mark_reused_connection_failure)
         parser = self._parser
         if parser is not None:
             all_headers_received = parser.allHeadersReceived
@@ -86,13 +101,22 @@ class _ConnectionTokenDropping(HTTP11ClientProtocol):
         return result
 
 
+def _mark_reused_connection_failure(failure: Failure) -> Failure:
+    """A reused connection that failed before any response byte: the stale keep-alive race."""
+    if failure.check(
+        ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent
+    ) and not was_cancelled(failure):
+        return Failure(ReusedConnectionFailed(failure))
+    return failure
+
+
 class _UpstreamClientFactory(_HTTP11ClientFactory):
-    """Builds :class:`_ConnectionTokenDropping` connections, without a log line each."""
+    """Builds :class:`_UpstreamConnection`s, without a log line each."""
 
     noisy = False
 
     def buildProtocol(self, addr: object) -> HTTP11ClientProtocol:
-        return _ConnectionTokenDropping(self._quiescentCallback)
+        return _UpstreamConnection(self._quiescentCallback)
 
 
 class _UpstreamPool(HTTPConnectionPool):

@@ -392,8 +392,9 @@ def test_upstream_request_headers(proxy: Proxy) -> None:
         assert not sent.hasHeader(dropped)
 
 
-def test_connection_refused_is_502_json_with_the_request_id(proxy: Proxy) -> None:
+def test_connection_refused_is_502_json_with_the_request_id() -> None:
     """An unreachable upstream is answered 502 upstream_unreachable, carrying the request ID."""
+    proxy = start_proxy(max_retries=0)
     proxy.client.request(b"GET", b"/v1/models", [(b"X-Request-ID", b"req-502")])
     proxy.agent.last.deferred.errback(ConnectionRefusedError())
     response = proxy.client.response()

@@ -18,11 +18,18 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from aiproxy.streaming import BytesProducer, ReplayableBody, ResponseForwarder
+from aiproxy.streaming import (
+    CLIENT_GONE,
+    BodyCutShort,
+    BytesProducer,
+    ReplayableBody,
+    ResponseForwarder,
+)
 
 from .fakes import ClientConnection, CollectingConsumer, clock_cooperator, produce, run_until_fired
 
 MEGABYTE = bytes(range(256)) * 4096
+IDLE_TIMEOUT = 300.0
 
 
 @pytest.fixture
@@ -146,7 +153,7 @@ def exchange(clock: Clock) -> tuple[ClientConnection, ResponseForwarder, StringT
     client = ClientConnection(Site(held, reactor=clock))
     client.request(b"GET", b"/stream")
     [request] = held.requests
-    forwarder = ResponseForwarder(request)
+    forwarder = ResponseForwarder(request, clock, IDLE_TIMEOUT)
     upstream = StringTransport()
     forwarder.makeConnection(upstream)
     return client, forwarder, upstream
@@ -222,9 +229,42 @@ def test_forwarder_stop_closes_the_upstream_and_writes_no_more(exchange) -> None
     results = outcome(forwarder)
     forwarder.dataReceived(b"first")
     sent = client.transport.value()
-    forwarder.stop()
+    forwarder.stop(CLIENT_GONE)
     assert upstream.producerState == "stopped"
     forwarder.dataReceived(b"late")
     forwarder.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
     assert client.transport.value() == sent
     assert results == [None]
+
+
+def test_forwarder_cuts_a_stream_that_goes_quiet(exchange, clock: Clock) -> None:
+    """No upstream bytes for STREAM_IDLE_TIMEOUT: the client's response is aborted, never
+    finished, and the upstream connection is released."""
+    client, forwarder, upstream = exchange
+    results = outcome(forwarder)
+    forwarder.dataReceived(b"data: 1\n\n")
+    clock.advance(IDLE_TIMEOUT - 1)
+    forwarder.dataReceived(b"data: 2\n\n")
+    clock.advance(IDLE_TIMEOUT - 1)
+    assert not client.aborted, "data within the timeout keeps the stream alive"
+    clock.advance(1)
+    assert client.aborted
+    assert upstream.producerState == "stopped"
+    forwarder.connectionLost(Failure(ResponseFailed([Failure(ConnectionLost())])))
+    assert not client.response().complete
+    [result] = results
+    assert isinstance(result, Failure)
+    assert result.check(BodyCutShort)
+    assert "STREAM_IDLE_TIMEOUT" in result.getErrorMessage()
+
+
+def test_forwarder_leaves_no_timer_behind(exchange, clock: Clock) -> None:
+    """A response that ends normally cancels its idle timer."""
+    _, forwarder, _ = exchange
+
+    def idle_timers() -> list[object]:
+        return [c for c in clock.getDelayedCalls() if c.func.__name__ == "_check_idle"]
+
+    assert len(idle_timers()) == 1
+    forwarder.connectionLost(Failure(ResponseDone()))
+    assert idle_timers() == []
