@@ -285,7 +285,7 @@ class Config:
         3,
         "MAX_RETRIES",
         "max-retries",
-        "Upstream connection retries (parsed; not yet acted on)",
+        "Retries of an upstream request that failed safely",
         parse_int,
         _at_least(0),
     )
@@ -293,7 +293,7 @@ class Config:
         0.5,
         "RETRY_BACKOFF_FACTOR",
         "retry-backoff-factor",
-        "Retry backoff multiplier in seconds (parsed; not yet acted on)",
+        "Seconds; retry n waits up to this x 2**(n-1)",
         parse_float,
         _at_least(0),
     )
@@ -304,15 +304,14 @@ class Config:
         (),
         "RETRY_ON_STATUS",
         "retry-on-status",
-        "Upstream statuses to retry, such as 502,503 (parsed; not yet acted on)",
+        "Upstream statuses to retry, such as 502,503",
         parse_status_list,
     )
     stream_idle_timeout: float = _setting(
         300.0,
         "STREAM_IDLE_TIMEOUT",
         "stream-idle-timeout",
-        "Seconds without upstream body bytes before a response is cut off"
-        " (parsed; not yet acted on)",
+        "Seconds without upstream body bytes before a response is cut off",
         parse_float,
         _at_least(0, strict=True),
     )
@@ -320,7 +319,7 @@ class Config:
         0.0,
         "TOTAL_TIMEOUT",
         "total-timeout",
-        "Seconds a whole exchange may take, 0 for no limit (parsed; not yet acted on)",
+        "Seconds a whole exchange may take, 0 for no limit",
         parse_float,
         _at_least(0),
     )
@@ -328,7 +327,7 @@ class Config:
         10.0,
         "HEADER_TIMEOUT",
         "header-timeout",
-        "Seconds a client may take to send its request head (parsed; not yet acted on)",
+        "Seconds a client may take to send its request head (then 408)",
         parse_float,
         _at_least(0, strict=True),
     )
@@ -336,8 +335,7 @@ class Config:
         500,
         "BODY_MIN_RATE",
         "body-min-rate",
-        "Slowest accepted request body upload in bytes per second, 0 for no limit"
-        " (parsed; not yet acted on)",
+        "Slowest accepted request body upload in bytes per second, 0 for no limit",
         parse_int,
         _at_least(0),
     )
@@ -345,7 +343,7 @@ class Config:
         104_857_600,
         "MAX_BODY_SIZE",
         "max-body-size",
-        "Largest accepted request body in bytes (parsed; not yet acted on)",
+        "Largest accepted request body in bytes (then 413)",
         parse_int,
         _at_least(0),
     )
@@ -353,7 +351,7 @@ class Config:
         0,
         "MAX_CONCURRENT_REQUESTS",
         "max-concurrent-requests",
-        "Proxied requests handled at once, 0 for no limit (parsed; not yet acted on)",
+        "Proxied requests handled at once, 0 for no limit (then 503)",
         parse_int,
         _at_least(0),
     )
@@ -361,7 +359,7 @@ class Config:
         30.0,
         "GRACEFUL_TIMEOUT",
         "graceful-timeout",
-        "Seconds in-flight requests may finish after SIGTERM (parsed; not yet acted on)",
+        "Seconds in-flight requests may finish after SIGTERM before they are aborted",
         parse_float,
         _at_least(0),
     )

@@ -21,11 +21,17 @@ from aiproxy.retry import ReusedConnectionFailed
 
 __all__ = [
     "BadRequestTarget",
+    "BodyTooLarge",
+    "ClientTooSlow",
+    "HeadTooLarge",
     "InternalError",
+    "InvalidRequest",
     "MethodNotAllowed",
+    "Overloaded",
     "ProxyError",
     "UpstreamTimeout",
     "UpstreamUnreachable",
+    "WebSocketNotSupported",
     "describe_exception",
     "error_body",
     "upstream_error",
@@ -37,6 +43,8 @@ class ProxyError(Exception):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ()
+    """Response headers that come with this error, such as ``Retry-After``."""
 
     @property
     def message(self) -> str:
@@ -60,6 +68,49 @@ class MethodNotAllowed(ProxyError):
 
     status = 405
     type = "method_not_allowed"
+
+
+class InvalidRequest(ProxyError):
+    """The request is not valid HTTP/1.1, or its body's framing is ambiguous."""
+
+    status = 400
+    type = "invalid_request"
+
+
+class ClientTooSlow(ProxyError):
+    """The client sent its request head, or its body, too slowly."""
+
+    status = 408
+    type = "request_timeout"
+
+
+class BodyTooLarge(ProxyError):
+    """The request body is larger than ``MAX_BODY_SIZE``."""
+
+    status = 413
+    type = "request_too_large"
+
+
+class HeadTooLarge(ProxyError):
+    """The request head is over 64 KiB, or has too many header lines."""
+
+    status = 431
+    type = "request_header_too_large"
+
+
+class WebSocketNotSupported(ProxyError):
+    """The client asked to upgrade to WebSocket, which aiproxy does not tunnel yet."""
+
+    status = 501
+    type = "websocket_not_supported"
+
+
+class Overloaded(ProxyError):
+    """``MAX_CONCURRENT_REQUESTS`` proxied requests are already in flight."""
+
+    status = 503
+    type = "overloaded"
+    headers = ((b"Retry-After", b"1"),)
 
 
 class UpstreamUnreachable(ProxyError):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from aiproxy.activity import Activity
 from aiproxy.config import Config
 from aiproxy.errors import MethodNotAllowed
 from aiproxy.request import send_error
@@ -43,16 +45,29 @@ class JSONResource(Resource):
 
 
 class HealthResource(JSONResource):
-    """``GET /api/health``: the proxy is up, and where it sends requests."""
+    """
+    ``GET /api/health``: the proxy is up, and where it sends requests.
 
-    def __init__(self, config: Config) -> None:
+    ``200`` with ``"status": "healthy"`` while serving; ``503`` with ``"status":
+    "draining"`` once a graceful shutdown has begun, so that a load balancer that
+    still reaches this process takes it out of rotation.
+    """
+
+    def __init__(self, config: Config, activity: Activity) -> None:
         super().__init__()
         self.config = config
+        self.activity = activity
+
+    def render_GET(self, request: Request) -> bytes:
+        """Answer with the document; ``503`` while draining."""
+        if self.activity.draining:
+            request.setResponseCode(http.SERVICE_UNAVAILABLE)
+        return super().render_GET(request)
 
     def document(self) -> object:
         """Status and the live upstream settings."""
         return {
-            "status": "healthy",
+            "status": "draining" if self.activity.draining else "healthy",
             "target_url": self.config.target_url,
             "timeout": _number(self.config.request_timeout),
             "ssl_verify": self.config.ssl_verify,

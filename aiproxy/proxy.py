@@ -16,6 +16,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from aiproxy.admission import Admission
 from aiproxy.errors import (
     BadRequestTarget,
     InternalError,
@@ -51,6 +52,8 @@ class ReverseProxyResource(Resource):
     @ivar cancelled: how many upstream requests were cancelled because their client
         went away.
     @ivar retries: how many upstream requests were sent again (see :mod:`aiproxy.retry`).
+    @ivar admission: turns WebSocket upgrades and requests over
+        ``max_concurrent_requests`` away (see :mod:`aiproxy.admission`).
     """
 
     isLeaf = True
@@ -67,6 +70,7 @@ class ReverseProxyResource(Resource):
         retry_policy: RetryPolicy = NO_RETRIES,
         read_size: int = 65536,
         cooperator: Cooperator | None = None,
+        max_concurrent_requests: int = 0,
     ) -> None:
         super().__init__()
         self.target = target
@@ -78,6 +82,7 @@ class ReverseProxyResource(Resource):
         self.retry_policy = retry_policy
         self.read_size = read_size
         self.cooperator = cooperator
+        self.admission = Admission(max_concurrent_requests)
         self.cancelled = 0
         self.retries = 0
 
@@ -90,6 +95,8 @@ class ReverseProxyResource(Resource):
                 request,
                 BadRequestTarget("the request target must be a path beginning with one '/'"),
             )
+        elif (refusal := self.admission.admit(request)) is not None:
+            send_error(request, refusal)  # 501 WebSocket, 503 over MAX_CONCURRENT_REQUESTS
         else:
             _Exchange(self, request).start()
         return NOT_DONE_YET

@@ -1,12 +1,15 @@
-"""The service that owns the upstream connection pool."""
+"""The services that start and stop aiproxy: the upstream pool's, and their ordering."""
 
 from __future__ import annotations
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
-__all__ = ["PoolService"]
+__all__ = ["PoolService", "SequentialMultiService"]
+
+log = Logger(namespace="aiproxy")
 
 
 class PoolService(Service):
@@ -19,3 +22,25 @@ class PoolService(Service):
         """Close every pooled connection; fires when they are closed."""
         super().stopService()
         return self.pool.closeCachedConnections()
+
+
+class SequentialMultiService(MultiService):
+    """
+    A ``MultiService`` that stops its services one after another, the last added
+    first, each once the one added after it has finished stopping.
+
+    Twisted's ``MultiService`` stops them all at once; aiproxy's upstream pool may only
+    close once the drain of client connections is over.
+    """
+
+    def stopService(self) -> Deferred[None]:
+        """Stop each service in turn; a failure is logged and the next one stopped."""
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_each())
+
+    async def _stop_each(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("{service} failed to stop", service=service)

@@ -7,11 +7,13 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
+from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
 from aiproxy.activity import Activity
+from aiproxy.channel import ClientLimits, ProxyChannel
 from aiproxy.config import Config
 from aiproxy.health import HealthResource, PingResource
 from aiproxy.proxy import ReverseProxyResource
@@ -51,7 +53,8 @@ class ProxyRoot(Resource):
 
 class ProxySite(Site):
     """
-    A ``Site`` of :class:`ProxyRequest`s.
+    A ``Site`` of :class:`ProxyRequest`s over :class:`ProxyChannel` connections, which
+    enforce ``limits``.
 
     twisted.web's own access log is off: ``ProxyRequest`` logs each request's start and
     completion with its request ID instead.
@@ -59,32 +62,57 @@ class ProxySite(Site):
 
     requestFactory = ProxyRequest
 
-    def __init__(self, resource: IResource, activity: Activity, **kwargs: Any) -> None:
+    def __init__(
+        self, resource: IResource, activity: Activity, limits: ClientLimits, **kwargs: Any
+    ) -> None:
         super().__init__(resource, **kwargs)
         self.activity = activity
+        self.limits = limits
+
+    def protocol(self) -> _GenericHTTPChannelProtocol:
+        """
+        A new connection: HTTP/1.1 through a :class:`ProxyChannel`, switched to HTTP/2
+        when TLS negotiates ``h2`` (as twisted.web's own factory does).
+        """
+        return _GenericHTTPChannelProtocol(ProxyChannel(self.limits, self.reactor, self.activity))
 
     def log(self, request: http.Request) -> None:
         """No access log line; see :class:`ProxyRequest`."""
 
 
-def build_site(root: IResource, clock: IReactorTime, activity: Activity | None = None) -> ProxySite:
+def build_site(
+    root: IResource,
+    clock: IReactorTime,
+    activity: Activity | None = None,
+    *,
+    config: Config | None = None,
+) -> ProxySite:
     """
     A :class:`ProxySite` for ``root`` on ``clock``, recording its requests in
-    ``activity`` (a new one if not given).
+    ``activity`` (a new one if not given), with the client limits of ``config`` (the
+    defaults if not given).
 
     Request bodies are never parsed as forms: a proxy passes them on as bytes.
     """
     return ProxySite(
         root,
         Activity() if activity is None else activity,
+        ClientLimits.from_config(Config() if config is None else config),
         reactor=clock,
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
     )
 
 
-def build_resource(config: Config, agent: IAgent, clock: IReactorTime) -> ProxyRoot:
-    """aiproxy's resource tree: ``/api/health``, ``/api/ping``, and the proxy for the rest."""
+def build_resource(
+    config: Config, agent: IAgent, clock: IReactorTime, activity: Activity | None = None
+) -> ProxyRoot:
+    """
+    aiproxy's resource tree: ``/api/health``, ``/api/ping``, and the proxy for the rest.
+
+    ``/api/health`` says ``draining`` once ``activity`` does: pass the site's
+    :class:`Activity` (see :func:`build_site`) for that.
+    """
     proxy = ReverseProxyResource(
         config.target,
         agent,
@@ -96,6 +124,8 @@ def build_resource(config: Config, agent: IAgent, clock: IReactorTime) -> ProxyR
             config.max_retries, config.retry_backoff_factor, config.retry_on_status
         ),
         read_size=config.proxy_buffer_size,
+        max_concurrent_requests=config.max_concurrent_requests,
     )
-    endpoints = {b"/api/health": HealthResource(config), b"/api/ping": PingResource()}
+    health = HealthResource(config, Activity() if activity is None else activity)
+    endpoints = {b"/api/health": health, b"/api/ping": PingResource()}
     return ProxyRoot(endpoints, proxy)

@@ -15,6 +15,7 @@ import os
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
@@ -134,6 +135,9 @@ def abort_response(request: Request) -> None:
     abort = getattr(channel, "abortConnection", None)  # an HTTP/2 stream
     if abort is not None:
         abort()
+        # Resetting a stream ourselves does not tell its request, as a reset by the
+        # client does: tell it, so that notifyFinish fires and the exchange ends.
+        channel.connectionLost(Failure(ConnectionAborted()))
     else:
         transport: Any = request.transport
         transport.abortConnection()

@@ -18,9 +18,11 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
+from aiproxy.activity import Activity
 from aiproxy.config import Config, ConfigError, load_config, settings
+from aiproxy.drain import DrainService
 from aiproxy.logs import use_aiproxy_logging
-from aiproxy.service import PoolService
+from aiproxy.service import PoolService, SequentialMultiService
 from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
 
@@ -65,7 +67,11 @@ class Options(usage.Options):
 
 def build_service(config: Config, reactor: Any) -> MultiService:
     """
-    Everything aiproxy runs: the upstream pool, and one listener per endpoint.
+    Everything aiproxy runs: the upstream pool, and one listener per endpoint under the
+    service that drains the site's connections.
+
+    Stopping it stops the listeners, lets the requests in flight finish for up to
+    ``config.graceful_timeout`` seconds and aborts the rest, then closes the pool.
 
     @param reactor: provides ``IReactorTCP``, ``IReactorTime`` and ``IReactorCore`` (and
         ``IReactorSSL``/``IReactorUNIX`` for those endpoints).
@@ -74,10 +80,15 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     """
     pool = make_pool(reactor)
     agent = make_agent(reactor, config, pool)
-    site = build_site(build_resource(config, agent, reactor), reactor)
-    top = MultiService()
-    # Services stop in reverse order: the listeners first, then the pool.
+    activity = Activity()
+    root = build_resource(config, agent, reactor, activity)
+    site = build_site(root, reactor, activity, config=config)
+    # Services stop one after another, in reverse order: the drain (listeners first),
+    # then the pool.
+    top = SequentialMultiService()
     PoolService(pool).setServiceParent(top)
+    drain = DrainService(activity, reactor, config.graceful_timeout)
+    drain.setServiceParent(top)
     for description in config.endpoints:
         try:
             listener = strports.service(description, site, reactor=reactor)
@@ -86,7 +97,7 @@ def build_service(config: Config, reactor: Any) -> MultiService:
         # Fail startService when the port cannot be opened, instead of logging and
         # running on without a listener.
         listener._raiseSynchronously = True
-        listener.setServiceParent(top)
+        listener.setServiceParent(drain)
     return top
 
 

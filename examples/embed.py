@@ -34,7 +34,8 @@ def main(target_url: str, port: int = 8081) -> None:
 
     services = MultiService()
     PoolService(pool).setServiceParent(services)
-    TCPServer(port, build_site(root, reactor), interface="127.0.0.1").setServiceParent(services)
+    site = build_site(root, reactor, config=config)
+    TCPServer(port, site, interface="127.0.0.1").setServiceParent(services)
     application = Application("embedded-aiproxy")
     services.setServiceParent(application)
 

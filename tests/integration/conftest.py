@@ -105,7 +105,7 @@ async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
         pool = make_pool(reactor)
         agent = make_agent(reactor, config, pool)
         root = build_resource(config, agent, reactor)
-        proxy = Proxy(config, root, pool, _listen(build_site(root, reactor)))
+        proxy = Proxy(config, root, pool, _listen(build_site(root, reactor, config=config)))
         started.append(proxy)
         return proxy
 

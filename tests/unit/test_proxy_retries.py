@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
@@ -187,3 +188,22 @@ def test_total_timeout_before_headers_is_a_504() -> None:
     proxy.clock.advance(5)
     assert proxy.client.response().status == 504
     assert proxy.agent.last.cancelled
+
+
+def test_retries_are_logged_and_counted_in_the_completion_line() -> None:
+    """Each retry logs a warning with its reason and wait; the completion line says how
+    many retries there were."""
+    proxy = Proxy()
+    with capturedLogs() as events:
+        proxy.client.request(b"GET", b"/v1/models", [(b"X-Request-ID", b"req-retry")])
+        proxy.agent.last.deferred.errback(ConnectionRefusedError())
+        proxy.clock.advance(0.5)
+        proxy.agent.last.respond(200).end()
+    retries = [e for e in events if e.get("log_format", "").startswith("Retrying")]
+    assert len(retries) == 1
+    assert retries[0]["retry"] == 1 and retries[0]["delay"] == 0.5
+    assert retries[0]["request_id"] == "req-retry"
+    assert "cannot connect" in retries[0]["reason"]
+    [completed] = [e for e in events if e.get("log_format", "").startswith("Request completed")]
+    assert completed["retries"] == 1
+    assert "[Retries: 1]" in formatEvent(completed)

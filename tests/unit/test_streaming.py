@@ -24,6 +24,7 @@ from aiproxy.streaming import (
     BytesProducer,
     ReplayableBody,
     ResponseForwarder,
+    abort_response,
 )
 
 from .fakes import ClientConnection, CollectingConsumer, clock_cooperator, produce, run_until_fired
@@ -268,3 +269,30 @@ def test_forwarder_leaves_no_timer_behind(exchange, clock: Clock) -> None:
     assert len(idle_timers()) == 1
     forwarder.connectionLost(Failure(ResponseDone()))
     assert idle_timers() == []
+
+
+class _FakeH2Stream:
+    """Records what happens to an HTTP/2 stream."""
+
+    def __init__(self) -> None:
+        self.reset = False
+        self.lost: list[Failure] = []
+
+    def abortConnection(self) -> None:
+        self.reset = True
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost.append(reason)
+
+
+def test_aborting_an_http2_response_resets_the_stream_and_ends_the_request() -> None:
+    """An HTTP/2 response cut short resets its stream, and its request learns it is over
+    (twisted does not tell a request when the server resets its stream)."""
+    stream = _FakeH2Stream()
+
+    class _Request:
+        channel = stream
+
+    abort_response(_Request())  # type: ignore[arg-type]
+    assert stream.reset
+    assert len(stream.lost) == 1
