@@ -66,18 +66,26 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"{text!r} is not a boolean (use true or false)")
 
 
+def _list_items(text: str) -> list[Any]:
+    """The items of a JSON list (``["a", "b"]``) or of a comma-separated list (``a,b``)."""
+    text = text.strip()
+    if not text.startswith("["):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{text!r} is not a JSON list: {e.msg}") from None
+    if not isinstance(items, list):
+        raise ValueError(f"{text!r} is not a list")
+    return items
+
+
 def parse_list(text: str) -> tuple[str, ...]:
     """A JSON list of strings (``["a", "b"]``) or a comma-separated list (``a,b``)."""
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{text!r} is not a JSON list: {e.msg}") from None
-        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-            raise ValueError(f"{text!r} is not a list of strings")
-        return tuple(items)
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+    items = _list_items(text)
+    if not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{text.strip()!r} is not a list of strings")
+    return tuple(items)
 
 
 def parse_int(text: str) -> int:
@@ -101,17 +109,7 @@ def parse_float(text: str) -> float:
 
 def parse_status_list(text: str) -> tuple[int, ...]:
     """HTTP status codes, as ``502,503`` or ``[502, 503]``; empty means none."""
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{text!r} is not a JSON list: {e.msg}") from None
-        if not isinstance(items, list):
-            raise ValueError(f"{text!r} is not a list")
-    else:
-        items = [item for item in text.split(",") if item.strip()]
-    statuses = tuple(parse_int(str(item)) for item in items)
+    statuses = tuple(parse_int(str(item)) for item in _list_items(text))
     for status in statuses:
         if not 100 <= status <= 599:
             raise ValueError(f"{status} is not an HTTP status code")
