@@ -13,20 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import h2.events
 import pytest
 import pytest_twisted
 import trustme
-from h2.config import H2Configuration
-from h2.connection import H2Connection
 from twisted.application.service import MultiService
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
@@ -34,6 +27,7 @@ from aiproxy.config import Config
 from aiproxy.tap import build_service
 
 from .conftest import Upstream
+from .h2client import connect_h2
 from .processes import TwistProcess
 from .support import (
     LOOPBACK,
@@ -201,68 +195,6 @@ async def test_sigterm_lets_a_stream_finish_then_twist_exits(
 # --- HTTP/2 -----------------------------------------------------------------------
 
 
-@attrs.define
-class H2Response:
-    """One HTTP/2 stream's response, as the client received it."""
-
-    headers: dict[bytes, bytes] = attrs.Factory(dict)
-    body: bytearray = attrs.Factory(bytearray)
-    ended: Deferred[None] = attrs.Factory(Deferred)
-    reset: bool = False
-
-
-class H2Client(Protocol):
-    """
-    A minimal HTTP/2 client over hyper-h2: ``GET`` requests on streams of one
-    connection; records each response, and the ``GOAWAY`` it is sent.
-    """
-
-    def __init__(self) -> None:
-        config = H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = H2Connection(config=config)
-        self.responses: dict[int, H2Response] = {}
-        self.goaway: int | None = None
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.h2.initiate_connection()
-        self.transport.write(self.h2.data_to_send())
-
-    def get(self, path: bytes) -> H2Response:
-        """Send ``GET path`` on a new stream."""
-        stream_id = self.h2.get_next_available_stream_id()
-        request = [
-            (b":method", b"GET"),
-            (b":scheme", b"https"),
-            (b":authority", LOOPBACK.encode()),
-            (b":path", path),
-        ]
-        self.h2.send_headers(stream_id, request, end_stream=True)
-        self.transport.write(self.h2.data_to_send())
-        response = self.responses[stream_id] = H2Response()
-        return response
-
-    def dataReceived(self, data: bytes) -> None:
-        for event in self.h2.receive_data(data):
-            response = self.responses.get(getattr(event, "stream_id", 0))
-            if isinstance(event, h2.events.ResponseReceived) and response is not None:
-                response.headers = dict(event.headers)
-            elif isinstance(event, h2.events.DataReceived) and response is not None:
-                response.body += event.data
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded) and response is not None:
-                response.ended.callback(None)
-            elif isinstance(event, h2.events.StreamReset) and response is not None:
-                response.reset = True
-                response.ended.callback(None)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.goaway = event.error_code
-        self.transport.write(self.h2.data_to_send())
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.closed.callback(None)
-
-
 @attrs.frozen
 class TLSFiles:
     """A certificate for 127.0.0.1 and the trust root that signed it."""
@@ -280,15 +212,6 @@ def tls_files(tmp_path: Path) -> TLSFiles:
     issued.private_key_pem.write_to_path(str(key))
     issued.cert_chain_pems[0].write_to_path(str(certificate))
     return TLSFiles(key, certificate, ssl.Certificate.loadPEM(ca.cert_pem.bytes()))
-
-
-async def connect_h2(port: int, trust_root: ssl.Certificate) -> H2Client:
-    """An HTTP/2 connection over TLS to ``127.0.0.1:port``, negotiated by ALPN."""
-    options = ssl.optionsForClientTLS(LOOPBACK, trust_root, acceptableProtocols=[b"h2"])
-    endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, LOOPBACK, port, timeout=5))
-    client = H2Client()
-    await within(connectProtocol(endpoint, client), 5)
-    return client
 
 
 @pytest_twisted.ensureDeferred

@@ -9,76 +9,17 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import attrs
-import h2.config
-import h2.connection
-import h2.events
 import pytest_twisted
 import trustme
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 
 from aiproxy.config import Config
 from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
 
 from .conftest import Upstream
+from .h2client import H2Stream, close_h2, connect_h2
 from .support import LOOPBACK, within
-
-
-@attrs.define
-class H2Response:
-    """One response on one stream."""
-
-    headers: dict[bytes, bytes] = attrs.Factory(dict)
-    body: bytearray = attrs.Factory(bytearray)
-
-    @property
-    def status(self) -> int:
-        return int(self.headers[b":status"])
-
-
-class H2Client(Protocol):
-    """Sends requests on HTTP/2 streams at once and collects the responses."""
-
-    def __init__(self, requests: list[tuple[list[tuple[bytes, bytes]], bytes | None]]) -> None:
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
-        self.conn = h2.connection.H2Connection(config=config)
-        self.requests = requests
-        self.responses: dict[int, H2Response] = {}
-        self.open_streams: set[int] = set()
-        self.answered: Deferred[None] = Deferred()
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.conn.initiate_connection()
-        for headers, body in self.requests:
-            stream = self.conn.get_next_available_stream_id()
-            self.open_streams.add(stream)
-            self.responses[stream] = H2Response()
-            self.conn.send_headers(stream, headers, end_stream=body is None)
-            if body is not None:
-                self.conn.send_data(stream, body, end_stream=True)
-        self.transport.write(self.conn.data_to_send())
-
-    def dataReceived(self, data: bytes) -> None:
-        for event in self.conn.receive_data(data):
-            if isinstance(event, h2.events.ResponseReceived):
-                self.responses[event.stream_id].headers.update(dict(event.headers))
-            elif isinstance(event, h2.events.DataReceived):
-                self.responses[event.stream_id].body += event.data
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                self.open_streams.discard(event.stream_id)
-                if not self.open_streams and not self.answered.called:
-                    self.answered.callback(None)
-        self.transport.write(self.conn.data_to_send())
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.closed.callback(None)
 
 
 @pytest_twisted.async_yield_fixture
@@ -86,7 +27,7 @@ async def h2_proxy(upstream: Upstream) -> AsyncIterator[tuple[int, Any]]:
     """aiproxy over TLS offering h2 by ALPN, MAX_BODY_SIZE=1000; its port and CA."""
     ca = trustme.CA()
     server = ssl.PrivateCertificate.loadPEM(
-        ca.issue_cert("localhost").private_key_and_cert_chain_pem.bytes()
+        ca.issue_cert(LOOPBACK).private_key_and_cert_chain_pem.bytes()
     )
     options = ssl.CertificateOptions(
         privateKey=server.privateKey.original,
@@ -105,22 +46,17 @@ async def h2_proxy(upstream: Upstream) -> AsyncIterator[tuple[int, Any]]:
 
 async def h2_exchange(
     port: int, ca: Any, requests: list[tuple[list[tuple[bytes, bytes]], bytes | None]]
-) -> tuple[bytes | None, list[H2Response]]:
+) -> tuple[bytes | None, list[H2Stream]]:
     """Run ``requests`` on one HTTP/2 connection; the negotiated protocol and responses."""
-    options = ssl.optionsForClientTLS(
-        "localhost",
-        trustRoot=ssl.Certificate.loadPEM(ca.cert_pem.bytes()),
-        acceptableProtocols=[b"h2"],
-    )
-    client = H2Client(requests)
-    await within(connectProtocol(SSL4ClientEndpoint(reactor, LOOPBACK, port, options), client), 5)
+    client = await connect_h2(port, ssl.Certificate.loadPEM(ca.cert_pem.bytes()))
     try:
-        await within(client.answered, 5)
+        streams = [client.send(headers, body) for headers, body in requests]
+        for stream in streams:
+            await within(stream.ended, 5)
         protocol = client.transport.negotiatedProtocol
     finally:
-        client.transport.loseConnection()
-        await within(client.closed, 5)
-    return protocol, [client.responses[stream] for stream in sorted(client.responses)]
+        await close_h2(client)
+    return protocol, streams
 
 
 def request_headers(method: bytes, path: bytes, *extra: tuple[bytes, bytes]) -> Any:
