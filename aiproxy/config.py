@@ -255,12 +255,12 @@ class Config:
         1,
         "MAX_WORKERS",
         "workers",
-        "Worker processes (parsed; not yet acted on)",
+        "Worker processes",
         parse_int,
         _at_least(1),
     )
     enable_cors: bool = _setting(
-        True, "ENABLE_CORS", "enable-cors", "Answer CORS (parsed; not yet acted on)", parse_bool
+        True, "ENABLE_CORS", "enable-cors", "Handle CORS preflights and headers", parse_bool
     )
     cors_origins: tuple[str, ...] = _setting(
         ("*",), "CORS_ORIGINS", "cors-origins", "Allowed CORS origins", parse_list

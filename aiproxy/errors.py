@@ -27,6 +27,7 @@ __all__ = [
     "InternalError",
     "InvalidRequest",
     "MethodNotAllowed",
+    "OriginNotAllowed",
     "Overloaded",
     "ProxyError",
     "UpstreamTimeout",
@@ -68,6 +69,13 @@ class MethodNotAllowed(ProxyError):
 
     status = 405
     type = "method_not_allowed"
+
+
+class OriginNotAllowed(ProxyError):
+    """A CORS preflight from an origin that is not in ``CORS_ORIGINS``."""
+
+    status = 403
+    type = "origin_not_allowed"
 
 
 class InvalidRequest(ProxyError):

@@ -16,6 +16,7 @@ from twisted.web.server import Request
 
 from aiproxy._version import __version__
 from aiproxy.activity import Activity
+from aiproxy.cors import CorsPolicy, add_response_headers, response_headers
 from aiproxy.errors import BodyTooLarge, InternalError, ProxyError, error_body
 from aiproxy.headers import choose_request_id
 from aiproxy.streaming import abort_response
@@ -59,6 +60,7 @@ class ProxyRequest(Request):
     clock: IReactorTime
     activity: Activity
     refusal: ProxyError | None = None
+    cors: CorsPolicy | None = None
     _body_room = 0
 
     def gotLength(self, length: int | None) -> None:
@@ -113,6 +115,7 @@ class ProxyRequest(Request):
         """
         channel: Any = self.channel
         self.clock = channel.site.reactor
+        self.cors = getattr(channel.site, "cors", None)
         self.received_at = self.clock.seconds()
         self.request_id = choose_request_id(self.requestHeaders.getRawHeaders(b"x-request-id"))
         log.info(
@@ -139,6 +142,10 @@ class ProxyRequest(Request):
             elapsed = self.clock.seconds() - self.received_at
             headers.setRawHeaders(b"X-Process-Time", [b"%.4f" % elapsed])
             headers.setRawHeaders(b"X-Proxy-By", [PROXY_BY])
+            if self.cors is not None:
+                origin = self.requestHeaders.getRawHeaders(b"origin")
+                if origin:
+                    add_response_headers(headers, response_headers(self.cors, origin[0]))
         super().write(data)
 
     def processingFailed(self, reason: Failure) -> None:

@@ -10,14 +10,17 @@ from twisted.web import http
 from twisted.web.http import _GenericHTTPChannelProtocol
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy.activity import Activity
 from aiproxy.channel import ClientLimits, ProxyChannel
 from aiproxy.config import Config
+from aiproxy.cors import CorsPolicy, add_response_headers, allowed_origin, is_preflight
+from aiproxy.cors import preflight_headers as cors_preflight_headers
+from aiproxy.errors import OriginNotAllowed
 from aiproxy.health import HealthResource, PingResource
 from aiproxy.proxy import ReverseProxyResource
-from aiproxy.request import ProxyRequest
+from aiproxy.request import ProxyRequest, send_error
 from aiproxy.retry import RetryPolicy
 from aiproxy.target import local_target
 
@@ -33,6 +36,10 @@ class ProxyRoot(Resource):
 
     ``/api/health`` is aiproxy's, while ``/api/health/``, ``/api/chat`` or
     ``/api/healthz`` go to the upstream like any other path.
+
+    When the request carries a CORS policy (``request.cors``, set by
+    :class:`ProxyRequest` from the site), CORS preflights are answered here for every
+    path and never forwarded (see :mod:`aiproxy.cors`).
     """
 
     isLeaf = True
@@ -44,6 +51,9 @@ class ProxyRoot(Resource):
 
     def render(self, request: Request) -> int | bytes:
         """Hand the request to the endpoint at its exact path, or to the proxy."""
+        cors: CorsPolicy | None = getattr(request, "cors", None)
+        if cors is not None and is_preflight(request.method, request.requestHeaders):
+            return answer_preflight(request, cors)
         target = local_target(request.uri, len(request.prepath or ()))
         path = target.partition(b"?")[0]
         resource = self.endpoints.get(path, self.proxy)
@@ -51,10 +61,32 @@ class ProxyRoot(Resource):
         return result
 
 
+def answer_preflight(request: Request, cors: CorsPolicy) -> int:
+    """
+    Answer a CORS preflight: ``204`` with the allowed methods and headers for an
+    allowed origin, the JSON ``403`` error for another one. The origin's own headers
+    (``Access-Control-Allow-Origin``, ``Vary: Origin``) are added by
+    :meth:`ProxyRequest.write`, as for every response.
+    """
+    origin = (request.requestHeaders.getRawHeaders(b"origin") or [b""])[0]
+    if allowed_origin(cors, origin) is None:
+        shown = origin.decode("ascii", "replace")
+        send_error(request, OriginNotAllowed(f"the origin {shown!r} is not allowed by CORS"))
+    else:
+        request.setResponseCode(204)
+        add_response_headers(
+            request.responseHeaders, cors_preflight_headers(cors, request.requestHeaders)
+        )
+        request.finish()
+    return NOT_DONE_YET
+
+
 class ProxySite(Site):
     """
     A ``Site`` of :class:`ProxyRequest`s over :class:`ProxyChannel` connections, which
     enforce ``limits``.
+
+    ``cors`` is the CORS policy of every request (L{None}: CORS is disabled).
 
     twisted.web's own access log is off: ``ProxyRequest`` logs each request's start and
     completion with its request ID instead.
@@ -63,11 +95,17 @@ class ProxySite(Site):
     requestFactory = ProxyRequest
 
     def __init__(
-        self, resource: IResource, activity: Activity, limits: ClientLimits, **kwargs: Any
+        self,
+        resource: IResource,
+        activity: Activity,
+        limits: ClientLimits,
+        cors: CorsPolicy | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.activity = activity
         self.limits = limits
+        self.cors = cors
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
         """
@@ -90,14 +128,16 @@ def build_site(
     """
     A :class:`ProxySite` for ``root`` on ``clock``, recording its requests in
     ``activity`` (a new one if not given), with the client limits of ``config`` (the
-    defaults if not given).
+    defaults if not given), and the CORS policy of ``config``.
 
     Request bodies are never parsed as forms: a proxy passes them on as bytes.
     """
+    config = Config() if config is None else config
     return ProxySite(
         root,
         Activity() if activity is None else activity,
-        ClientLimits.from_config(Config() if config is None else config),
+        ClientLimits.from_config(config),
+        CorsPolicy.from_config(config),
         reactor=clock,
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,

@@ -109,7 +109,13 @@ def makeService(options: Options) -> IService:
     use_aiproxy_logging(options, config.twisted_log_level)
     _tune_garbage_collector()
     try:
-        service = build_service(config, reactor)
+        service: IService
+        if config.max_workers > 1:
+            from aiproxy.workers import WorkerSupervisor
+
+            service = WorkerSupervisor(config, reactor)
+        else:
+            service = build_service(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
     command_line = _ExitIfCannotListen()

@@ -56,8 +56,9 @@ def start_proxy(**settings: object) -> Proxy:
     settings.setdefault("target_url", TARGET_URL)
     settings.setdefault("request_timeout", 30)
     clock, agent = Clock(), FakeAgent()
-    root = build_resource(Config(**settings), agent, clock)
-    return Proxy(clock, agent, root, ClientConnection(build_site(root, clock)))
+    config = Config(**settings)
+    root = build_resource(config, agent, clock)
+    return Proxy(clock, agent, root, ClientConnection(build_site(root, clock, config=config)))
 
 
 @pytest.fixture

@@ -1,0 +1,116 @@
+"""
+``twist aiproxy --workers 2`` as a real process: two worker processes serve one
+listening socket, a killed worker is restarted, and SIGTERM to the parent stops them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, gatherResults
+
+from .conftest import Upstream
+from .processes import TwistProcess, run_twist
+from .support import request, wait_until
+
+
+def _children(parent: int) -> set[int]:
+    """The PIDs of the running aiproxy workers whose parent is ``parent``."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        # The fields after the command name, which is in parentheses: state, ppid, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[1]) == parent and b"--workers=1" in cmdline:
+            found.add(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def _all_succeed(url: str, count: int) -> None:
+    results = await gatherResults(
+        [Deferred.fromCoroutine(request(b"GET", url + "/v1/models")) for _ in range(count)],
+        consumeErrors=True,
+    )
+    assert [response.code for response, _ in results] == [200] * count
+
+
+async def test_two_workers_serve_restart_and_stop(upstream: Upstream, tmp_path: Path) -> None:
+    """Two worker processes of the parent serve requests on one port; a worker killed
+    with SIGKILL is replaced by a new one while requests keep succeeding; SIGTERM to the
+    parent stops every worker and the parent."""
+    twist = TwistProcess.start(upstream.url, tmp_path, "--workers=2")
+    seen: set[int] = set()
+    try:
+        await twist.wait_ready()
+        parent = twist.process.pid
+        await wait_until(lambda: len(_children(parent)) == 2, 20, "two workers running")
+        workers = _children(parent)
+        seen |= workers
+
+        before = upstream.stats.requests
+        for _ in range(4):
+            await _all_succeed(twist.url, 10)
+        assert upstream.stats.requests == before + 40
+
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        # The other worker serves while the parent restarts the killed one.
+        await wait_until(lambda: not _alive(victim), 10, "the killed worker is gone")
+        await _all_succeed(twist.url, 10)
+
+        def replaced() -> bool:
+            now = _children(parent)
+            seen.update(now)
+            return len(now) == 2 and victim not in now
+
+        await wait_until(replaced, 20, "the killed worker is replaced", interval=0.05)
+        replacement = _children(parent) - workers
+        assert len(replacement) == 1, (workers, _children(parent))
+        # The parent, both first workers and the replacement each started a reactor.
+        await wait_until(
+            lambda: twist.output.read_text().count("Starting reactor") == 4,
+            20,
+            "the replacement worker is running",
+            interval=0.05,
+        )
+        await _all_succeed(twist.url, 20)
+        assert "died unexpectedly (signal 9)" in twist.output.read_text()
+
+        status = await twist.stop(timeout=20)
+        assert status in (0, -signal.SIGTERM), twist.log()
+        assert "Main loop terminated" in twist.log()
+        for pid in seen:
+            assert not _alive(pid), f"worker {pid} outlived the parent"
+    finally:
+        await twist.stop(timeout=20)
+        for pid in seen:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_refuse_endpoints_other_than_tcp(tmp_path: Path) -> None:
+    """With ``--workers 2``, a ``unix:`` endpoint fails the start with one line."""
+    result = run_twist(
+        ["--workers=2", f"--port=unix:{tmp_path / 'aiproxy.sock'}"], tmp_path, timeout=30
+    )
+    assert result.returncode != 0
+    assert "--workers supports only tcp: endpoints" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
