@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 
 from .support import LOOPBACK, within
 
-__all__ = ["H2Client", "H2Stream", "close_h2", "connect_h2"]
+__all__ = ["H2Client", "H2Stream", "connect_h2"]
 
 
 @attrs.define(eq=False)
@@ -187,10 +187,3 @@ async def connect_h2(
     client = H2Client()
     await within(connectProtocol(endpoint, client), timeout)
     return client
-
-
-async def close_h2(client: H2Client, timeout: float = 5) -> None:
-    """Close ``client``'s connection and wait until it is closed."""
-    if not client.closed.called:
-        client.transport.loseConnection()
-    await within(client.closed, timeout)

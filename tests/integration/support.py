@@ -183,8 +183,11 @@ async def connect_raw(port: int, timeout: float = 5) -> RawClient:
     return client
 
 
-async def close_raw(client: RawClient, timeout: float = 5) -> None:
-    """Close ``client``'s connection and wait until it is closed."""
+async def close_client(client: Any, timeout: float = 5) -> None:
+    """
+    Close a test client's connection (a :class:`RawClient`, or anything with a
+    ``transport`` and a ``closed`` Deferred) and wait until it is closed.
+    """
     if not client.closed.called:
         client.transport.loseConnection()
     await within(client.closed, timeout)
@@ -202,7 +205,7 @@ async def raw_exchange(
         assert response is not None
         return response
     finally:
-        await close_raw(client)
+        await close_client(client)
 
 
 # --- twisted.web.client.Agent, for everything else ---------------------------------
@@ -378,7 +381,7 @@ __all__ = [
     "RawClient",
     "RawResponse",
     "client_agent",
-    "close_raw",
+    "close_client",
     "connect_raw",
     "free_port",
     "header",

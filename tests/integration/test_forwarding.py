@@ -15,7 +15,7 @@ import pytest_twisted
 
 from .conftest import Proxy, Upstream
 from .support import (
-    close_raw,
+    close_client,
     connect_raw,
     parse_response,
     pattern_bytes,
@@ -60,7 +60,7 @@ async def test_head_returns_the_upstream_headers_and_no_body(
         await sleep(0.2)  # any body bytes would have arrived by now
         data = bytes(client.received)
     finally:
-        await close_raw(client)
+        await close_client(client)
     head = parse_response(data, head=True)
     assert head is not None
     assert head.status == 200

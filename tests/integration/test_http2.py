@@ -18,8 +18,8 @@ from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
 
 from .conftest import Upstream
-from .h2client import H2Stream, close_h2, connect_h2
-from .support import LOOPBACK, within
+from .h2client import H2Stream, connect_h2
+from .support import LOOPBACK, close_client, within
 
 
 @pytest_twisted.async_yield_fixture
@@ -55,7 +55,7 @@ async def h2_exchange(
             await within(stream.ended, 5)
         protocol = client.transport.negotiatedProtocol
     finally:
-        await close_h2(client)
+        await close_client(client)
     return protocol, streams
 
 

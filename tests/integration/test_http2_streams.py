@@ -34,11 +34,11 @@ from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
 
 from .conftest import Upstream
-from .h2client import close_h2, connect_h2
+from .h2client import connect_h2
 from .support import (
     LOOPBACK,
     RawClient,
-    close_raw,
+    close_client,
     parse_response,
     pattern_bytes,
     wait_until,
@@ -123,7 +123,7 @@ async def test_http2_request_body_reaches_upstream_intact(
         await within(stream.ended, 5)
         assert client.transport.negotiatedProtocol == b"h2"
     finally:
-        await close_h2(client)
+        await close_client(client)
     assert stream.complete and stream.status == 200
     seen = json.loads(stream.body)
     assert seen["method"] == "POST"
@@ -142,7 +142,7 @@ async def test_http2_sse_events_arrive_as_emitted(upstream: Upstream, h2_proxy: 
         stream = client.get(b"/sse/20/50")
         await within(stream.ended, 5)
     finally:
-        await close_h2(client)
+        await close_client(client)
     assert stream.complete and stream.status == 200
     assert stream.headers[b"content-type"].startswith(b"text/event-stream")
     assert stream.events[-1][1] == b"[DONE]"
@@ -177,7 +177,7 @@ async def test_http2_many_streams_multiplexed_on_one_connection(
         assert len(h2_proxy.accepted) == 1
         assert len(h2_proxy.activity.connections()) == 1
     finally:
-        await close_h2(client)
+        await close_client(client)
     assert [s.status for s in streams] == [200] * 50
     assert all(s.complete and s.reset is None for s in streams)
     assert len({s.stream_id for s in streams}) == 50
@@ -214,7 +214,7 @@ async def test_http2_reset_stream_cancels_its_upstream_others_continue(
             await within(stream.ended, 5)
         assert not client.closed.called
     finally:
-        await close_h2(client)
+        await close_client(client)
     assert h2_proxy.proxy.cancelled == 1
     assert b"[DONE]" not in doomed.body
     for stream in others:
@@ -246,7 +246,7 @@ async def test_http1_client_on_the_h2_endpoint_is_served(
         await client.wait_for(lambda data: parse_response(data) is not None, 5)
         negotiated = client.transport.negotiatedProtocol
     finally:
-        await close_raw(client)
+        await close_client(client)
     response = parse_response(bytes(client.received))
     assert response is not None
     assert negotiated == (b"http/1.1" if protocols else None)

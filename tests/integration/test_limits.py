@@ -20,7 +20,7 @@ from .conftest import Proxy, Upstream
 from .support import (
     LOOPBACK,
     RawClient,
-    close_raw,
+    close_client,
     connect_raw,
     parse_response,
     pattern_bytes,
@@ -247,7 +247,7 @@ async def test_requests_over_max_concurrent_requests_get_a_503_until_a_place_is_
     assert refused.json()["error"]["type"] == "overloaded"
     health = await raw_exchange(proxy.port, b"GET /api/health HTTP/1.1\r\nHost: h\r\n\r\n")
     assert health.status == 200
-    await close_raw(hanging)
+    await close_client(hanging)
     await wait_until(lambda: upstream.stats.hangs_aborted == 1, 5, "the first request ended")
     response, _ = await request(b"GET", proxy.url + "/v1/models")
     assert response.code == 200

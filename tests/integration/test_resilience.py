@@ -26,7 +26,7 @@ from aiproxy.upstream import make_agent, make_pool
 from .conftest import Proxy, Upstream
 from .support import (
     LOOPBACK,
-    close_raw,
+    close_client,
     connect_raw,
     free_port,
     parse_response,
@@ -243,7 +243,7 @@ async def test_a_stream_that_stalls_is_cut_off_not_ended_cleanly(
     assert parse_response(received) is None, "the chunked body never got its last chunk"
     assert b"[DONE]" not in received
     await wait_until(lambda: upstream.stats.streams_aborted == 1, 1, "the upstream saw the cut")
-    await close_raw(client)
+    await close_client(client)
 
 
 @pytest_twisted.ensureDeferred

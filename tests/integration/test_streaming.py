@@ -23,7 +23,7 @@ from .support import (
     BodyReceiver,
     EventReceiver,
     client_agent,
-    close_raw,
+    close_client,
     connect_raw,
     header,
     sleep,
@@ -131,7 +131,7 @@ async def test_client_leaving_before_response_headers_cancels_the_upstream_reque
     client = await connect_raw(proxy.port)
     client.transport.write(b"GET /hang HTTP/1.1\r\nHost: h\r\n\r\n")
     await wait_until(lambda: upstream.stats.requests == 1, 5, "the upstream got the request")
-    await close_raw(client)
+    await close_client(client)
     took = await wait_until(
         lambda: upstream.stats.hangs_aborted == 1, 1, "the upstream saw the request aborted"
     )
@@ -149,7 +149,7 @@ async def test_client_leaving_mid_stream_stops_the_upstream_stream(
     client = await connect_raw(proxy.port)
     client.transport.write(b"GET /sse/1000/20 HTTP/1.1\r\nHost: h\r\n\r\n")
     await client.wait_for(lambda data: b'"fake_seq": 0' in data, 5)
-    await close_raw(client)
+    await close_client(client)
     took = await wait_until(
         lambda: upstream.stats.streams_aborted == 1, 1, "the upstream saw the stream aborted"
     )
