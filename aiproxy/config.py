@@ -8,16 +8,20 @@ output and the README table all come from this one place.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeAlias
 
 import attrs
 from twisted.logger import LogLevel
 
 from aiproxy.target import Target, TargetError, parse_target
 
-__all__ = ["Config", "ConfigError", "Setting", "load_config", "settings"]
+__all__ = ["Config", "ConfigError", "IPNetwork", "Setting", "load_config", "settings"]
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+"""An address range of ``TRUSTED_PROXIES``."""
 
 
 class ConfigError(ValueError):
@@ -126,6 +130,28 @@ LOG_LEVELS: Mapping[str, LogLevel] = {
 }
 
 
+def parse_networks(text: str) -> tuple[str, ...]:
+    """IP addresses or networks (``10.0.0.0/8``), as a JSON or comma-separated list."""
+    networks = []
+    for item in parse_list(text):
+        try:
+            networks.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
+
+
+LOG_FORMATS = ("auto", "text", "json")
+
+
+def parse_log_format(text: str) -> str:
+    """``auto``, ``text`` or ``json``, in any case."""
+    name = text.strip().lower()
+    if name not in LOG_FORMATS:
+        raise ValueError(f"{text!r} is not one of {', '.join(LOG_FORMATS)}")
+    return name
+
+
 def parse_log_level(text: str) -> str:
     """A Python logging level name, in any case; ``WARN`` means ``WARNING``."""
     name = text.strip().upper()
@@ -142,6 +168,7 @@ _CONVERTERS: Mapping[Callable[[str], Any], Callable[[Any], Any]] = {
     parse_float: float,
     parse_list: tuple,
     parse_status_list: tuple,
+    parse_networks: tuple,
 }
 
 
@@ -192,6 +219,20 @@ def _in_range(minimum: int, maximum: int) -> Callable[[Any, Any, Any], None]:
 def _valid_log_level(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
     if value not in LOG_LEVELS:
         raise ConfigError(f"{_setting_of(attribute).label}: {value!r} is not a log level")
+
+
+def _valid_log_format(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"{_setting_of(attribute).label}: {value!r} is not a log format")
+
+
+def _valid_networks(
+    instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    try:
+        parse_networks(json.dumps(list(value)))
+    except ValueError as e:
+        raise ConfigError(f"{_setting_of(attribute).label}: {e}") from None
 
 
 def _valid_target(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
@@ -250,6 +291,14 @@ class Config:
         "DEBUG, INFO, WARNING, ERROR or CRITICAL",
         parse_log_level,
         _valid_log_level,
+    )
+    log_format: str = _setting(
+        "auto",
+        "LOG_FORMAT",
+        "log-format",
+        "auto (coloured text on a terminal, JSON lines otherwise), text or json",
+        parse_log_format,
+        _valid_log_format,
     )
     max_workers: int = _setting(
         1,
@@ -361,6 +410,28 @@ class Config:
         parse_float,
         _at_least(0),
     )
+    trusted_proxies: tuple[str, ...] = _setting(
+        (),
+        "TRUSTED_PROXIES",
+        "trusted-proxies",
+        "Addresses or networks of proxies in front whose X-Forwarded-For is believed",
+        parse_networks,
+        _valid_networks,
+    )
+    enable_metrics: bool = _setting(
+        True,
+        "ENABLE_METRICS",
+        "enable-metrics",
+        "Serve Prometheus metrics at /api/metrics",
+        parse_bool,
+    )
+    enable_docs: bool = _setting(
+        True,
+        "ENABLE_DOCS",
+        "enable-docs",
+        "Serve /api/docs, /api/redoc and /api/openapi.json",
+        parse_bool,
+    )
     listen: tuple[str, ...] = attrs.field(default=(), converter=_endpoint_strings)
     """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""
 
@@ -376,6 +447,11 @@ class Config:
             return self.listen
         host = self.host.replace(":", "\\:")
         return (f"tcp:{self.port}:interface={host}",)
+
+    @property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        """``trusted_proxies``, parsed."""
+        return tuple(ipaddress.ip_network(text) for text in self.trusted_proxies)
 
     @property
     def twisted_log_level(self) -> LogLevel:

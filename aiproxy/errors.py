@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from aiproxy.redact import redact_text
 from aiproxy.retry import ReusedConnectionFailed
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "WebSocketNotSupported",
     "describe_exception",
     "error_body",
+    "failure_kind",
     "upstream_error",
 ]
 
@@ -185,10 +187,40 @@ def upstream_error(failure: Failure) -> ProxyError:
     return InternalError("aiproxy failed to handle this request")
 
 
+def failure_kind(failure: Failure) -> str:
+    """
+    A short name for what went wrong with an upstream request before its response
+    headers, from a small fixed set (a metrics label): ``timeout``, ``dns``, ``tls``,
+    ``connect``, ``connection_lost`` or ``internal``.
+    """
+    if failure.check(UpstreamTimeout):
+        return "timeout"
+    reasons = getattr(failure.value, "reasons", None)  # twisted's wrapped failures
+    if reasons and isinstance(reasons[0], Failure):
+        inner = failure_kind(reasons[0])
+        if inner != "internal":
+            return inner
+    if failure.check(neterror.DNSLookupError):
+        return "dns"
+    if failure.check(TLSError):
+        return "tls"
+    if failure.check(*_CONNECT_FAILURES):
+        return "connect"
+    if failure.check(*_EXCHANGE_FAILURES):
+        return "connection_lost"
+    return "internal"
+
+
 def describe_exception(exception: BaseException | None) -> str:
-    """A one-line description of an exception, unwrapping twisted's lists of reasons."""
+    """
+    A one-line description of an exception, unwrapping twisted's lists of reasons, with
+    any secret in it redacted (:func:`aiproxy.redact.redact_text`): it is logged, and
+    sent to the client.
+    """
     reasons = getattr(exception, "reasons", None)
     if reasons:
         return "; ".join(describe_exception(reason.value) for reason in reasons)
     text = str(exception).strip()
-    return f"{type(exception).__name__}: {text}" if text else type(exception).__name__
+    if not text:
+        return type(exception).__name__
+    return f"{type(exception).__name__}: {redact_text(text)}"

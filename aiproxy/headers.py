@@ -7,6 +7,7 @@ Headers are handled as raw bytes with every value kept (``getAllRawHeaders`` /
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +20,9 @@ __all__ = [
     "client_response_headers",
     "connection_tokens",
     "end_to_end",
+    "is_event_stream",
     "new_request_id",
+    "original_client",
     "upstream_request_headers",
 ]
 
@@ -83,6 +86,56 @@ def end_to_end(
             yield name, values
 
 
+def original_client(
+    peer: str | None,
+    forwarded_for: Sequence[bytes],
+    trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> str | None:
+    """
+    The address of the client a request came from, as far as it can be believed.
+
+    That is the peer's address, unless the peer is one of the ``trusted`` proxies: then
+    ``X-Forwarded-For`` (``forwarded_for``, every value) is read from the right, past
+    each trusted proxy, to the first address that is not one; if every address is
+    trusted, the leftmost. An entry that is not an IP address ends the walk at the
+    proxy that added it, since nothing left of it can be believed.
+
+    @param peer: the connection's peer address; L{None} for a UNIX socket peer.
+    """
+    if peer is None or not _is_trusted(_parse_ip(peer), trusted):
+        return peer
+    client = peer
+    for value in reversed(forwarded_for):
+        for item in reversed(value.split(b",")):
+            address = item.strip().decode("ascii", "replace")
+            if not address:
+                continue
+            ip = _parse_ip(address)
+            if ip is None:
+                return client
+            client = address
+            if not _is_trusted(ip, trusted):
+                return client
+    return client
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_trusted(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> bool:
+    return ip is not None and any(ip in network for network in trusted)
+
+
 def new_request_id() -> bytes:
     """A fresh unique request ID: 32 random hex digits."""
     return os.urandom(16).hex().encode("ascii")
@@ -138,9 +191,16 @@ def client_response_headers(upstream: Headers) -> Iterator[tuple[bytes, Sequence
     set them, so that a buffering proxy in front (nginx) passes events at once.
     """
     yield from end_to_end(upstream)
-    content_type = upstream.getRawHeaders(b"content-type")
-    if content_type and content_type[0].lower().startswith(b"text/event-stream"):
+    if is_event_stream(upstream):
         if not upstream.hasHeader(b"x-accel-buffering"):
             yield b"X-Accel-Buffering", [b"no"]
         if not upstream.hasHeader(b"cache-control"):
             yield b"Cache-Control", [b"no-cache"]
+
+
+def is_event_stream(headers: Headers) -> bool:
+    """Whether ``headers`` are those of a server-sent event stream."""
+    content_type = headers.getRawHeaders(b"content-type")
+    if not content_type:
+        return False
+    return content_type[0].lower().startswith(b"text/event-stream")

@@ -13,11 +13,11 @@ from aiproxy.config import Config
 from aiproxy.errors import MethodNotAllowed
 from aiproxy.request import send_error
 
-__all__ = ["HealthResource", "PingResource"]
+__all__ = ["GetOnlyResource", "HealthResource", "JSONResource", "PingResource"]
 
 
-class JSONResource(Resource):
-    """A leaf that answers ``GET`` and ``HEAD`` with a JSON document."""
+class GetOnlyResource(Resource):
+    """A leaf of aiproxy's own that answers ``GET`` and ``HEAD`` (``render_GET``) only."""
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")
@@ -31,6 +31,10 @@ class JSONResource(Resource):
             return NOT_DONE_YET
         result: bytes | int = super().render(request)
         return result
+
+
+class JSONResource(GetOnlyResource):
+    """A leaf that answers ``GET`` and ``HEAD`` with a JSON document."""
 
     def document(self) -> object:
         """The JSON-serialisable body."""

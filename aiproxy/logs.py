@@ -1,22 +1,23 @@
 """
 Log output for ``twist aiproxy``: text lines for people, JSON lines for machines.
 
-These observers replace ``twist``'s own file observers (same choice: text on a terminal,
-JSON otherwise, or what ``twist --log-format`` says) because aiproxy logs two lines per
-request: twisted's generic observers cost about as much CPU per line as proxying the
-request. The text format is the product's documented one::
+These observers replace ``twist``'s own file observers (see :func:`use_aiproxy_logging`
+for which one is used) because aiproxy logs two lines per request: twisted's generic
+observers cost about as much CPU per line as proxying the request. The text format is
+the product's documented one::
 
     2025-11-21 10:30:45 - aiproxy - INFO - Request started: POST /api/chat [...]
 
-A JSON line carries ``time``, ``level``, ``logger`` and ``message``, plus the event's
-named fields (``method``, ``path``, ``status``, ``request_id``...).
+On a terminal the level is coloured. A JSON line carries ``time``, ``level``, ``logger``
+and ``message``, plus the event's named fields (``method``, ``path``, ``status``,
+``request_id``...).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from twisted.logger import (
@@ -30,11 +31,14 @@ from twisted.logger import (
 from twisted.python import usage
 from zope.interface import implementer
 
+from aiproxy.redact import redact_text
+
 __all__ = [
     "format_message",
     "json_log_observer",
     "text_log_observer",
     "use_aiproxy_logging",
+    "use_colour",
 ]
 
 LEVEL_NAMES = {
@@ -45,6 +49,18 @@ LEVEL_NAMES = {
     LogLevel.critical: "CRITICAL",
 }
 
+# ANSI SGR codes: debug dim, info green, warning yellow, error red, critical bold red.
+_COLOURED_LEVEL_NAMES = {
+    level: f"\x1b[{code}m{LEVEL_NAMES[level]}\x1b[0m"
+    for level, code in (
+        (LogLevel.debug, "2"),
+        (LogLevel.info, "32"),
+        (LogLevel.warn, "33"),
+        (LogLevel.error, "31"),
+        (LogLevel.critical, "1;31"),
+    )
+}
+
 _ENCODER = json.JSONEncoder(default=repr)
 
 # Keys of twisted.python.log's legacy events that duplicate the structured ones.
@@ -52,7 +68,10 @@ _LEGACY_KEYS = frozenset({"message", "format", "time", "system", "isError", "why
 
 
 def format_message(event: LogEvent) -> str:
-    """The event's message, with the traceback of its failure if it has one."""
+    """
+    The event's message, with the traceback of its failure if it has one; secrets in
+    the traceback (URLs' keys and passwords, key-shaped text) are redacted.
+    """
     text = None
     log_format = event.get("log_format")
     if log_format is not None:
@@ -64,7 +83,7 @@ def format_message(event: LogEvent) -> str:
         text = formatEvent(event)
     failure = event.get("log_failure")
     if failure is not None:
-        text = f"{text}\n{failure.getTraceback()}"
+        text = f"{text}\n{redact_text(failure.getTraceback())}"
     return text
 
 
@@ -85,9 +104,11 @@ class _SecondStamp:
         return self._text
 
 
-def _text_line(stamp: _SecondStamp) -> Callable[[LogEvent], str]:
+def _text_line(stamp: _SecondStamp, level_names: Mapping[Any, str]) -> Callable[[LogEvent], str]:
+    unknown = level_names[LogLevel.info]
+
     def render(event: LogEvent) -> str:
-        level = LEVEL_NAMES.get(event.get("log_level"), "INFO")
+        level = level_names.get(event.get("log_level"), unknown)
         namespace = event.get("log_namespace", "-")
         when = stamp(event.get("log_time") or time.time())
         return f"{when} - {namespace} - {level} - {format_message(event)}\n"
@@ -123,9 +144,14 @@ class _LineObserver:
         self._out.flush()
 
 
-def text_log_observer(out: IO[str]) -> ILogObserver:
-    """An observer writing ``date time - logger - LEVEL - message`` lines to ``out``."""
-    return _LineObserver(out, _text_line(_SecondStamp("%Y-%m-%d %H:%M:%S", time.localtime)))
+def text_log_observer(out: IO[str], *, colour: bool = False) -> ILogObserver:
+    """
+    An observer writing ``date time - logger - LEVEL - message`` lines to ``out``, the
+    level in ANSI colour if ``colour``.
+    """
+    names = _COLOURED_LEVEL_NAMES if colour else LEVEL_NAMES
+    stamp = _SecondStamp("%Y-%m-%d %H:%M:%S", time.localtime)
+    return _LineObserver(out, _text_line(stamp, names))
 
 
 def json_log_observer(out: IO[str]) -> ILogObserver:
@@ -133,20 +159,63 @@ def json_log_observer(out: IO[str]) -> ILogObserver:
     return _LineObserver(out, _json_line(_SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)))
 
 
-def use_aiproxy_logging(options: usage.Options, level: LogLevel) -> None:
+def use_colour(out: IO[str], environ: Mapping[str, str]) -> bool:
     """
-    Make ``twist`` log with aiproxy's observers, at ``level`` (from ``LOG_LEVEL``).
+    Whether text lines written to ``out`` should be coloured: ``out`` is a terminal,
+    ``NO_COLOR`` is unset or empty (https://no-color.org) and ``TERM`` is not ``dumb``.
+    """
+    return _is_terminal(out) and not environ.get("NO_COLOR") and environ.get("TERM") != "dumb"
+
+
+def use_aiproxy_logging(
+    options: usage.Options, level: LogLevel, log_format: str, environ: Mapping[str, str]
+) -> None:
+    """
+    Make ``twist`` log with aiproxy's observers, at ``level`` (from ``LOG_LEVEL``), in
+    ``log_format`` (from ``LOG_FORMAT``: ``auto``, ``text`` or ``json``).
 
     ``twist``'s own ``--log-level`` wins when it was set to something other than its
-    default; ``--log-format`` still chooses between text and JSON.
+    default. The format is chosen, first match wins, by:
+
+    1. ``LOG_FORMAT=text`` or ``LOG_FORMAT=json``;
+    2. ``twist --log-format=text|json``;
+    3. ``LOG_FORMAT=auto``: text if the log file (``twist --log-file``, standard output
+       by default) is a terminal, JSON otherwise.
+
+    Text lines are coloured when :func:`use_colour` says so for the log file, whichever
+    rule chose text. ``twist`` records ``--log-format`` just as it records its own
+    default (text if standard output is a terminal, JSON otherwise), so a
+    ``--log-format`` that names that default counts as not given. This only makes a
+    difference with a ``--log-file`` other than standard output, where ``LOG_FORMAT``
+    can say it instead.
     """
     parent = getattr(options, "parent", None)
     if parent is None or "logLevel" not in parent:
         return
     if parent["logLevel"] == type(parent).defaultLogLevel:
         parent["logLevel"] = level
+    if log_format == "auto":
+        log_format = _twist_log_format(parent)
+
+    def text(out: IO[str]) -> ILogObserver:
+        return text_log_observer(out, colour=use_colour(out, environ))
+
+    parent["fileLogObserverFactory"] = json_log_observer if log_format == "json" else text
+
+
+def _twist_log_format(parent: usage.Options) -> str:
+    """``twist --log-format`` if it was given, else text on a terminal and JSON otherwise."""
     factory = parent.get("fileLogObserverFactory")
-    if factory is jsonFileLogObserver:
-        parent["fileLogObserverFactory"] = json_log_observer
-    elif factory is textFileLogObserver:
-        parent["fileLogObserverFactory"] = text_log_observer
+    default: Any = type(parent)()
+    default.selectDefaultLogObserver()
+    if factory is not default.get("fileLogObserverFactory"):
+        if factory is jsonFileLogObserver:
+            return "json"
+        if factory is textFileLogObserver:
+            return "text"
+    return "text" if _is_terminal(parent["logFile"]) else "json"
+
+
+def _is_terminal(out: IO[str]) -> bool:
+    isatty = getattr(out, "isatty", None)
+    return isatty is not None and bool(isatty())

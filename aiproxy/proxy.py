@@ -23,14 +23,23 @@ from aiproxy.errors import (
     MethodNotAllowed,
     UpstreamTimeout,
     describe_exception,
+    failure_kind,
     upstream_error,
 )
-from aiproxy.headers import choose_request_id, client_response_headers, upstream_request_headers
+from aiproxy.headers import (
+    choose_request_id,
+    client_response_headers,
+    is_event_stream,
+    upstream_request_headers,
+)
+from aiproxy.record import RequestRecord
+from aiproxy.redact import redact_url
 from aiproxy.request import client_ip, send_error
 from aiproxy.retry import RetryPolicy, retry_after, retry_reason, with_retries
-from aiproxy.streaming import CLIENT_GONE, ReplayableBody, ResponseForwarder
+from aiproxy.streaming import CLIENT_GONE, BodyCutShort, ReplayableBody, ResponseForwarder
 from aiproxy.target import Target, is_origin_form, local_target
 from aiproxy.timeouts import with_deadline
+from aiproxy.usage import usage_meter
 
 __all__ = ["NO_RETRIES", "ReverseProxyResource"]
 
@@ -52,6 +61,7 @@ class ReverseProxyResource(Resource):
     @ivar cancelled: how many upstream requests were cancelled because their client
         went away.
     @ivar retries: how many upstream requests were sent again (see :mod:`aiproxy.retry`).
+    @ivar active_streams: how many event streams are being relayed now.
     @ivar admission: turns WebSocket upgrades and requests over
         ``max_concurrent_requests`` away (see :mod:`aiproxy.admission`).
     """
@@ -85,6 +95,7 @@ class ReverseProxyResource(Resource):
         self.admission = Admission(max_concurrent_requests)
         self.cancelled = 0
         self.retries = 0
+        self.active_streams = 0
 
     def render(self, request: Request) -> int | bytes:
         """Start the upstream exchange; the response is written as it arrives."""
@@ -103,7 +114,12 @@ class ReverseProxyResource(Resource):
 
 
 class _Exchange:
-    """One client request and the upstream request(s) made for it."""
+    """
+    One client request and the upstream request(s) made for it.
+
+    What happens upstream is written into the request's :class:`RequestRecord` (a
+    :class:`aiproxy.request.ProxyRequest` has one; for other requests it is dropped).
+    """
 
     def __init__(self, resource: ReverseProxyResource, request: Request) -> None:
         self.resource = resource
@@ -114,6 +130,8 @@ class _Exchange:
             request.requestHeaders.getRawHeaders(b"x-request-id")
         )
         self.log_id = self.request_id.decode("ascii")
+        self.record: RequestRecord = getattr(request, "record", None) or RequestRecord()
+        self.arrived_at: float = getattr(request, "received_at", None) or self.clock.seconds()
         self.url = resource.target.url_for(local_target(request.uri, len(request.prepath or ())))
         self.pending: Deferred[IResponse] | None = None
         self.forwarder: ResponseForwarder | None = None
@@ -177,12 +195,12 @@ class _Exchange:
         if not isinstance(outcome, Failure):
             outcome.deliverBody(_Discard())
         self.resource.retries += 1
-        self.request.retries = attempt + 1  # type: ignore[attr-defined]
+        self.record.retries = attempt + 1
         log.warn(
             "Retrying {method} {url} in {delay:.3f}s (retry {retry} of {max_retries}):"
             " {reason} [ID: {request_id}]",
             method=self.request.method.decode("ascii", "replace"),
-            url=self.url.decode("ascii", "replace"),
+            url=redact_url(self.url),
             delay=delay,
             retry=attempt + 1,
             max_retries=policy.max_retries,
@@ -194,10 +212,13 @@ class _Exchange:
     def respond(self, response: IResponse) -> None:
         self.pending = None
         request = self.request
+        record = self.record
+        record.upstream_status = response.code
+        record.upstream_headers_after = self.clock.seconds() - self.arrived_at
         log.debug(
             "Response {status} from {url}",
             status=response.code,
-            url=self.url.decode("ascii", "replace"),
+            url=redact_url(self.url),
             request_id=self.log_id,
         )
         request.setResponseCode(response.code, response.phrase)
@@ -208,14 +229,24 @@ class _Exchange:
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
         # Send the headers now: a stream's first event may be a while coming.
         request.write(b"")
-        self.forwarder = ResponseForwarder(request, self.clock, self.resource.stream_idle_timeout)
+        record.usage_meter = usage_meter(response.headers)
+        self.forwarder = ResponseForwarder(
+            request, self.clock, self.resource.stream_idle_timeout, record.usage_meter
+        )
         self.forwarder.finished.addErrback(self.body_cut_short)
+        if is_event_stream(response.headers):
+            self.resource.active_streams += 1
+            self.forwarder.finished.addBoth(self.stream_ended)
         response.deliverBody(self.forwarder)
+
+    def stream_ended(self, result: None) -> None:
+        self.resource.active_streams -= 1
 
     def fail(self, failure: Failure) -> None:
         self.pending = None
         if self.client_gone:
             return
+        self.record.upstream_error = failure_kind(failure)
         error = upstream_error(failure)
         if isinstance(error, InternalError):
             log.failure(
@@ -227,13 +258,17 @@ class _Exchange:
             log.warn(
                 "Upstream error {status} for {url}: {message} [ID: {request_id}]",
                 status=error.status,
-                url=self.url.decode("ascii", "replace"),
+                url=redact_url(self.url),
                 message=error.message,
                 request_id=self.log_id,
             )
         send_error(self.request, error)
 
     def body_cut_short(self, failure: Failure) -> None:
+        # Cut by the proxy (STREAM_IDLE_TIMEOUT, TOTAL_TIMEOUT), or by the upstream.
+        self.record.upstream_error = (
+            "stream_timeout" if failure.check(BodyCutShort) else "body_incomplete"
+        )
         log.warn(
             "Response body cut short, client response aborted: {reason} [ID: {request_id}]",
             reason=describe_exception(failure.value),

@@ -6,7 +6,7 @@ log lines, for every response the proxy sends.
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -18,8 +18,12 @@ from aiproxy._version import __version__
 from aiproxy.activity import Activity
 from aiproxy.cors import CorsPolicy, add_response_headers, response_headers
 from aiproxy.errors import BodyTooLarge, InternalError, ProxyError, error_body
-from aiproxy.headers import choose_request_id
+from aiproxy.headers import choose_request_id, original_client
+from aiproxy.record import RequestRecord
 from aiproxy.streaming import abort_response
+
+if TYPE_CHECKING:
+    from aiproxy.metrics import ProxyMetrics
 
 __all__ = ["ProxyRequest", "client_ip", "send_error"]
 
@@ -41,7 +45,10 @@ class ProxyRequest(Request):
     Each response carries ``X-Request-ID`` (the client's if it is a sane token, else a
     new one), ``X-Process-Time`` (seconds from the request's arrival to its response
     headers) and ``X-Proxy-By``. A start line and a completion line are logged per
-    request.
+    request; the completion line carries the request's :class:`RequestRecord` (filled
+    in by the proxy resource too), which also moves the site's metrics, if it has any.
+    The client address logged is the peer's, or the one ``X-Forwarded-For`` gives when
+    the peer is one of the site's ``trusted_proxies``.
 
     A body larger than the site's ``limits.max_body_size`` is refused before it is read
     (by its ``Content-Length``) or as soon as it grows past the limit (chunked): the
@@ -54,9 +61,11 @@ class ProxyRequest(Request):
     # A proxied response has the upstream's Content-Type, or none: never twisted's default.
     defaultContentType = None
     request_id: bytes = b""
-    retries = 0
-    """How many times the upstream request was sent again (set by the proxy resource)."""
     received_at: float = 0.0
+    bytes_in = 0
+    bytes_out = 0
+    record: RequestRecord
+    metrics: ProxyMetrics | None = None
     clock: IReactorTime
     activity: Activity
     refusal: ProxyError | None = None
@@ -79,6 +88,7 @@ class ProxyRequest(Request):
         if self.refusal is not None:
             return
         self._body_room -= len(data)
+        self.bytes_in += len(data)
         if self._body_room >= 0:
             super().handleContentChunk(data)
             return
@@ -114,19 +124,36 @@ class ProxyRequest(Request):
         answer with the refusal).
         """
         channel: Any = self.channel
-        self.clock = channel.site.reactor
-        self.cors = getattr(channel.site, "cors", None)
+        site = channel.site
+        self.clock = site.reactor
+        self.cors = getattr(site, "cors", None)
+        self.metrics = getattr(site, "metrics", None)
         self.received_at = self.clock.seconds()
         self.request_id = choose_request_id(self.requestHeaders.getRawHeaders(b"x-request-id"))
-        log.info(
-            "Request started: {method} {path} [Client: {client}] [ID: {request_id}]",
+        peer = client_ip(self)
+        client = original_client(
+            None if peer is None else peer.decode("ascii"),
+            self.requestHeaders.getRawHeaders(b"x-forwarded-for", ()),
+            getattr(site, "trusted_proxies", ()),
+        )
+        self.record = record = RequestRecord(
             method=self.method.decode("ascii", "replace"),
             path=self.path.decode("ascii", "replace"),
-            client=(client_ip(self) or b"unix").decode("ascii"),
+            client="unix" if client is None else client,
             request_id=self.request_id.decode("ascii"),
+            bytes_in=self.bytes_in,
         )
-        self.activity = channel.site.activity
+        log.info(
+            "Request started: {method} {path} [Client: {client}] [ID: {request_id}]",
+            method=record.method,
+            path=record.path,
+            client=record.client,
+            request_id=record.request_id,
+        )
+        self.activity = site.activity
         self.activity.started(self)
+        if self.metrics is not None:
+            self.metrics.started()
         self.notifyFinish().addBoth(self._ended)
         if self.refusal is not None:
             self.setHeader(b"Date", datetimeToString(self.received_at))
@@ -146,6 +173,8 @@ class ProxyRequest(Request):
                 origin = self.requestHeaders.getRawHeaders(b"origin")
                 if origin:
                     add_response_headers(headers, response_headers(self.cors, origin[0]))
+        if self.method != b"HEAD":
+            self.bytes_out += len(data)
         super().write(data)
 
     def processingFailed(self, reason: Failure) -> None:
@@ -160,29 +189,16 @@ class ProxyRequest(Request):
     def _ended(self, result: Failure | None) -> None:
         """The response has ended, or the client has gone: record and log it."""
         self.activity.ended(self)
-        elapsed = self.clock.seconds() - self.received_at
-        fields = {
-            "method": self.method.decode("ascii", "replace"),
-            "path": self.path.decode("ascii", "replace"),
-            "status": self.code,
-            "duration": elapsed,
-            "request_id": self.request_id.decode("ascii"),
-            "retries": self.retries,
-        }
-        if result is None:
-            log.info(
-                "Request completed: {method} {path} [Status: {status}]"
-                " [Time: {duration:.3f}s] [ID: {request_id}]"
-                + (" [Retries: {retries}]" if self.retries else ""),
-                **fields,
-            )
-        else:
-            log.info(
-                "Request aborted, connection lost before the response ended: {method} {path}"
-                " [Status: {status}] [Time: {duration:.3f}s] [ID: {request_id}]"
-                + (" [Retries: {retries}]" if self.retries else ""),
-                **fields,
-            )
+        record = self.record
+        record.status = self.code
+        record.duration = self.clock.seconds() - self.received_at
+        record.bytes_out = self.bytes_out
+        record.cancelled = result is not None
+        if record.usage_meter is not None:
+            record.usage = record.usage_meter.result()
+        log.info(record.log_format(), **record.log_fields())
+        if self.metrics is not None:
+            self.metrics.observe(record)
 
 
 def send_error(request: Request, error: ProxyError) -> None:

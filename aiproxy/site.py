@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -14,11 +14,13 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy.activity import Activity
 from aiproxy.channel import ClientLimits, ProxyChannel
-from aiproxy.config import Config
+from aiproxy.config import Config, IPNetwork
 from aiproxy.cors import CorsPolicy, add_response_headers, allowed_origin, is_preflight
 from aiproxy.cors import preflight_headers as cors_preflight_headers
+from aiproxy.docs import docs_endpoints
 from aiproxy.errors import OriginNotAllowed
 from aiproxy.health import HealthResource, PingResource
+from aiproxy.metrics import MetricsResource, ProxyMetrics
 from aiproxy.proxy import ReverseProxyResource
 from aiproxy.request import ProxyRequest, send_error
 from aiproxy.retry import RetryPolicy
@@ -37,6 +39,9 @@ class ProxyRoot(Resource):
     ``/api/health`` is aiproxy's, while ``/api/health/``, ``/api/chat`` or
     ``/api/healthz`` go to the upstream like any other path.
 
+    ``metrics`` are the metrics that the site of this tree should move (see
+    :func:`build_site`), or L{None}.
+
     When the request carries a CORS policy (``request.cors``, set by
     :class:`ProxyRequest` from the site), CORS preflights are answered here for every
     path and never forwarded (see :mod:`aiproxy.cors`).
@@ -44,10 +49,16 @@ class ProxyRoot(Resource):
 
     isLeaf = True
 
-    def __init__(self, endpoints: Mapping[bytes, IResource], proxy: IResource) -> None:
+    def __init__(
+        self,
+        endpoints: Mapping[bytes, IResource],
+        proxy: IResource,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
         super().__init__()
         self.endpoints = dict(endpoints)
         self.proxy = proxy
+        self.metrics = metrics
 
     def render(self, request: Request) -> int | bytes:
         """Hand the request to the endpoint at its exact path, or to the proxy."""
@@ -86,7 +97,9 @@ class ProxySite(Site):
     A ``Site`` of :class:`ProxyRequest`s over :class:`ProxyChannel` connections, which
     enforce ``limits``.
 
-    ``cors`` is the CORS policy of every request (L{None}: CORS is disabled).
+    ``cors`` is the CORS policy of every request (L{None}: CORS is disabled);
+    ``metrics`` are moved by each request as it ends (L{None}: no metrics);
+    ``trusted_proxies`` are the networks whose ``X-Forwarded-For`` is believed.
 
     twisted.web's own access log is off: ``ProxyRequest`` logs each request's start and
     completion with its request ID instead.
@@ -100,12 +113,16 @@ class ProxySite(Site):
         activity: Activity,
         limits: ClientLimits,
         cors: CorsPolicy | None = None,
+        metrics: ProxyMetrics | None = None,
+        trusted_proxies: Sequence[IPNetwork] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, **kwargs)
         self.activity = activity
         self.limits = limits
         self.cors = cors
+        self.metrics = metrics
+        self.trusted_proxies = tuple(trusted_proxies)
 
     def protocol(self) -> _GenericHTTPChannelProtocol:
         """
@@ -128,7 +145,8 @@ def build_site(
     """
     A :class:`ProxySite` for ``root`` on ``clock``, recording its requests in
     ``activity`` (a new one if not given), with the client limits of ``config`` (the
-    defaults if not given), and the CORS policy of ``config``.
+    defaults if not given), its CORS policy and its trusted proxies, and the metrics
+    of ``root`` (its ``metrics`` attribute, as :func:`build_resource` sets it).
 
     Request bodies are never parsed as forms: a proxy passes them on as bytes.
     """
@@ -138,6 +156,8 @@ def build_site(
         Activity() if activity is None else activity,
         ClientLimits.from_config(config),
         CorsPolicy.from_config(config),
+        getattr(root, "metrics", None),
+        config.trusted_networks,
         reactor=clock,
         timeout=CLIENT_IDLE_TIMEOUT,
         parsePOSTFormSubmission=False,
@@ -148,7 +168,9 @@ def build_resource(
     config: Config, agent: IAgent, clock: IReactorTime, activity: Activity | None = None
 ) -> ProxyRoot:
     """
-    aiproxy's resource tree: ``/api/health``, ``/api/ping``, and the proxy for the rest.
+    aiproxy's resource tree: ``/api/health``, ``/api/ping``, ``/api/metrics`` (unless
+    ``config.enable_metrics`` is false), the API docs (unless ``config.enable_docs``
+    is false), and the proxy for the rest.
 
     ``/api/health`` says ``draining`` once ``activity`` does: pass the site's
     :class:`Activity` (see :func:`build_site`) for that.
@@ -166,6 +188,15 @@ def build_resource(
         read_size=config.proxy_buffer_size,
         max_concurrent_requests=config.max_concurrent_requests,
     )
-    health = HealthResource(config, Activity() if activity is None else activity)
-    endpoints = {b"/api/health": health, b"/api/ping": PingResource()}
-    return ProxyRoot(endpoints, proxy)
+    activity = Activity() if activity is None else activity
+    endpoints: dict[bytes, IResource] = {
+        b"/api/health": HealthResource(config, activity),
+        b"/api/ping": PingResource(),
+    }
+    metrics = None
+    if config.enable_metrics:
+        metrics = ProxyMetrics(lambda: proxy.active_streams)
+        endpoints[b"/api/metrics"] = MetricsResource(metrics)
+    if config.enable_docs:
+        endpoints.update(docs_endpoints(config))
+    return ProxyRoot(endpoints, proxy, metrics)

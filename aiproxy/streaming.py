@@ -19,12 +19,15 @@ from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Cooperator
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
+
+from aiproxy.usage import UsageMeter
 
 __all__ = [
     "CLIENT_GONE",
@@ -34,6 +37,8 @@ __all__ = [
     "ResponseForwarder",
     "abort_response",
 ]
+
+log = Logger(namespace="aiproxy")
 
 
 @implementer(IBodyProducer)
@@ -157,13 +162,22 @@ class ResponseForwarder(Protocol):
 
     The upstream connection is registered as the client request's streaming producer,
     so the client's flow control reaches the upstream. If no upstream bytes arrive for
-    ``idle_timeout`` seconds, the response is cut off. ``finished`` fires with L{None}
-    when the whole body was delivered (or the client left), or fails with the reason
-    the body ended early; the client's response is then aborted, never finished.
+    ``idle_timeout`` seconds, the response is cut off. Each chunk, once written, is
+    also shown to ``meter`` (see :mod:`aiproxy.usage`), which only reads it.
+    ``finished`` fires with L{None} when the whole body was delivered (or the client
+    left), or fails with the reason the body ended early; the client's response is then
+    aborted, never finished.
     """
 
-    def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        request: Request,
+        clock: IReactorTime,
+        idle_timeout: float,
+        meter: UsageMeter | None = None,
+    ) -> None:
         self.request = request
+        self.meter = meter
         self.finished: Deferred[None] = Deferred()
         self._clock = clock
         self._idle_timeout = idle_timeout
@@ -186,6 +200,16 @@ class ResponseForwarder(Protocol):
         if self._stopped_because is None:
             self._last_data = self._clock.seconds()
             self.request.write(data)
+            if self.meter is not None:
+                self._measure(data)
+
+    def _measure(self, data: bytes) -> None:
+        """Show the chunk just sent to the usage meter; a meter that fails is dropped."""
+        try:
+            self.meter.feed(data)  # type: ignore[union-attr]
+        except Exception:
+            log.failure("Token usage meter failed; usage of this response is not counted")
+            self.meter = None
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         """Finish the client's response, or abort it if the body ended early."""

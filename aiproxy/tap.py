@@ -106,7 +106,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: Config = options["config"]
-    use_aiproxy_logging(options, config.twisted_log_level)
+    use_aiproxy_logging(options, config.twisted_log_level, config.log_format, os.environ)
     _tune_garbage_collector()
     try:
         service: IService

@@ -8,7 +8,9 @@ Endpoints:
   an SSE stream of ``chat.completion.chunk`` events and ``data: [DONE]``; the
   ``x-fake-chunks`` and ``x-fake-interval-ms`` request headers set the number of
   events (default 5) and their spacing (default 0). Each event carries ``fake_ts``,
-  the upstream clock's time when it was written.
+  the upstream clock's time when it was written. With ``"stream_options":
+  {"include_usage": true}``, as OpenAI does, a last chunk with no choices carries the
+  usage (3 prompt tokens, one completion token per event).
 - ``GET /v1/models``: a model list.
 - ``GET /sse/COUNT/INTERVAL_MS``: the same event stream as a streamed chat
   completion, ``COUNT`` events ``INTERVAL_MS`` milliseconds apart.
@@ -150,10 +152,13 @@ class FakeOpenAI(Resource):
             return _json(request, chat_completion(model, "Hello there"))
         count = int(request.getHeader(b"x-fake-chunks") or 5)
         interval = float(request.getHeader(b"x-fake-interval-ms") or 0) / 1000
-        return self._stream(request, model, count, interval)
+        options = body.get("stream_options") or {}
+        return self._stream(request, model, count, interval, bool(options.get("include_usage")))
 
-    def _stream(self, request: Request, model: str, count: int, interval: float) -> int:
-        _EventStream(request, model, count, interval, self.clock, self.stats).start()
+    def _stream(
+        self, request: Request, model: str, count: int, interval: float, usage: bool = False
+    ) -> int:
+        _EventStream(request, model, count, interval, self.clock, self.stats, usage).start()
         return NOT_DONE_YET
 
     def _echo(self, request: Request) -> bytes:
@@ -235,9 +240,11 @@ class _EventStream:
         interval: float,
         clock: IReactorTime,
         stats: UpstreamStats,
+        usage: bool,
     ) -> None:
         self.request = request
         self.model = model
+        self.usage = usage
         self.remaining = count
         self.sent = 0
         self.interval = interval
@@ -257,11 +264,16 @@ class _EventStream:
         if self.aborted:
             return
         if self.remaining == 0:
+            if self.usage:
+                tokens = {"prompt_tokens": 3, "completion_tokens": self.sent}
+                tokens["total_tokens"] = 3 + self.sent
+                last = {"object": "chat.completion.chunk", "model": self.model, "choices": []}
+                self.request.write(sse_event({**last, "usage": tokens}))
             self.request.write(sse_event("[DONE]"))
             self.request.finish()
             self.stats.streams_completed += 1
             return
-        chunk = {
+        chunk: dict[str, Any] = {
             "id": "chatcmpl-fake",
             "object": "chat.completion.chunk",
             "created": 1700000000,

@@ -157,8 +157,13 @@ def test_error_body_survives_odd_bytes_in_the_request_id() -> None:
             ResponseNeverReceived([failure_of(ValueError("a")), failure_of(KeyError("b"))]),
             "ValueError: a; KeyError: 'b'",
         ),
+        (
+            ValueError("GET http://h/v1?api_key=sk-proj-0123456789abcdefXYZ failed"),
+            "ValueError: GET http://h/v1?api_key=[REDACTED] failed",
+        ),
     ],
 )
 def test_describe_exception(exception: BaseException, description: str) -> None:
-    """Exceptions are described on one line, with twisted's reason lists unwrapped."""
+    """Exceptions are described on one line, with twisted's reason lists unwrapped and
+    secrets redacted."""
     assert describe_exception(exception) == description

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 from twisted.web.http_headers import Headers
 
@@ -10,6 +12,7 @@ from aiproxy.headers import (
     choose_request_id,
     client_response_headers,
     end_to_end,
+    original_client,
     upstream_request_headers,
 )
 
@@ -277,3 +280,41 @@ def test_peer_without_an_ip_adds_nothing_to_x_forwarded_for(
     """A UNIX-socket peer has no address to add; an existing chain passes as it is."""
     sent = upstream_request_headers(incoming, client_ip=None, scheme=b"http", request_id=b"req-1")
     assert sent.getRawHeaders(b"x-forwarded-for") == expected
+
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "expected"),
+    [
+        # Without a trusted peer, X-Forwarded-For is whatever the client wrote.
+        ("192.0.2.1", [b"198.51.100.9"], "192.0.2.1"),
+        ("10.0.0.5", [], "10.0.0.5"),
+        # A trusted peer: the first untrusted address from the right.
+        ("10.0.0.5", [b"198.51.100.9"], "198.51.100.9"),
+        ("10.0.0.5", [b"203.0.113.1, 198.51.100.9, 10.1.1.1"], "198.51.100.9"),
+        ("10.0.0.5", [b"203.0.113.1", b"198.51.100.9,10.1.1.1"], "198.51.100.9"),
+        # Everything trusted: the leftmost address.
+        ("10.0.0.5", [b"10.3.3.3, 10.2.2.2"], "10.3.3.3"),
+        # Garbage stops the walk at the proxy that passed it on.
+        ("10.0.0.5", [b"198.51.100.9, unknown"], "10.0.0.5"),
+        ("10.0.0.5", [b"garbage, 10.1.1.1"], "10.1.1.1"),
+        ("10.0.0.5", [b" , 198.51.100.9"], "198.51.100.9"),
+        # IPv6, and IPv4 peers seen through an IPv6 socket.
+        ("fd00::1", [b"2001:db8::7"], "2001:db8::7"),
+        ("::ffff:10.0.0.5", [b"198.51.100.9"], "198.51.100.9"),
+        # A UNIX socket peer has no address.
+        (None, [b"198.51.100.9"], None),
+    ],
+)
+def test_original_client(
+    peer: str | None, forwarded_for: list[bytes], expected: str | None
+) -> None:
+    """X-Forwarded-For names the client only through proxies listed as trusted."""
+    assert original_client(peer, forwarded_for, TRUSTED) == expected
+
+
+def test_original_client_trusts_nobody_by_default() -> None:
+    """With no trusted proxies, the peer's address is the client's."""
+    assert original_client("10.0.0.5", [b"198.51.100.9"], ()) == "10.0.0.5"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable
+from pathlib import Path
 
+import pytest
+from twisted.application.twist import _options
 from twisted.application.twist._options import TwistOptions
-from twisted.logger import (
-    Logger,
-    LogLevel,
-    jsonFileLogObserver,
-    textFileLogObserver,
-)
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from aiproxy.logs import (
@@ -20,10 +19,26 @@ from aiproxy.logs import (
     json_log_observer,
     text_log_observer,
     use_aiproxy_logging,
+    use_colour,
 )
 
+KEY = "sk-live-PLANTED0123456789"
+GREEN_INFO = "\x1b[32mINFO\x1b[0m"
 
-def _emit(observer_factory, level: LogLevel, fmt: str, **fields: object) -> str:
+
+class FakeTerminal(io.StringIO):
+    """A log file that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _emit(
+    observer_factory: Callable[[io.StringIO], ILogObserver],
+    level: LogLevel,
+    fmt: str,
+    **fields: object,
+) -> str:
     out = io.StringIO()
     Logger(namespace="aiproxy", observer=observer_factory(out)).emit(level, fmt, **fields)
     return out.getvalue()
@@ -93,6 +108,67 @@ def test_format_message_falls_back_to_twisteds_formatter() -> None:
     assert format_message(event) == "QUIET"
 
 
+def test_failure_tracebacks_lose_secrets() -> None:
+    """A key in a logged failure's message or URL does not reach the log."""
+    failure = Failure(ValueError(f"bad URL https://h/v1?key={KEY} with Bearer {KEY}"))
+    out = io.StringIO()
+    Logger(namespace="aiproxy", observer=text_log_observer(out)).failure("boom", failure)
+    assert "ValueError: bad URL https://h/v1?key=[REDACTED] with Bearer [REDACTED]" in (
+        out.getvalue()
+    )
+    assert KEY not in out.getvalue()
+
+
+def test_coloured_text_colours_only_the_level() -> None:
+    """A coloured line is the plain line with its level wrapped in ANSI colour codes."""
+    plain = _emit(text_log_observer, LogLevel.info, "Request started")
+    coloured = _emit(lambda out: text_log_observer(out, colour=True), LogLevel.info, "x")
+    assert f" - aiproxy - {GREEN_INFO} - x\n" in coloured
+    assert "\x1b" not in plain
+
+
+def test_each_level_has_its_colour() -> None:
+    """Debug is dim, info green, warning yellow, error red, critical bold red."""
+    colours = {
+        LogLevel.debug: "\x1b[2mDEBUG",
+        LogLevel.info: "\x1b[32mINFO",
+        LogLevel.warn: "\x1b[33mWARNING",
+        LogLevel.error: "\x1b[31mERROR",
+        LogLevel.critical: "\x1b[1;31mCRITICAL",
+    }
+    for level, start in colours.items():
+        line = _emit(lambda out: text_log_observer(out, colour=True), level, "x")
+        assert f" - {start}\x1b[0m - x\n" in line
+
+
+@pytest.mark.parametrize(
+    ("out", "environ", "coloured"),
+    [
+        (FakeTerminal(), {}, True),
+        (FakeTerminal(), {"NO_COLOR": ""}, True),
+        (FakeTerminal(), {"TERM": "xterm-256color"}, True),
+        (FakeTerminal(), {"NO_COLOR": "1"}, False),
+        (FakeTerminal(), {"TERM": "dumb"}, False),
+        (io.StringIO(), {}, False),
+    ],
+)
+def test_colour_only_on_a_terminal_without_no_color(
+    out: io.StringIO, environ: dict[str, str], coloured: bool
+) -> None:
+    """Text is coloured on a terminal, unless NO_COLOR is set or TERM is dumb."""
+    assert use_colour(out, environ) is coloured
+
+
+@pytest.fixture
+def twist_stdout(monkeypatch: pytest.MonkeyPatch) -> Callable[[io.StringIO], None]:
+    """Sets the standard output that ``twist`` logs to by default."""
+
+    def use(out: io.StringIO) -> None:
+        monkeypatch.setattr(_options, "stdout", out)
+
+    return use
+
+
 def _twist_options(*argv: str) -> TwistOptions:
     """``twist``'s options as parsed for ``twist [argv] aiproxy``."""
     options = TwistOptions()
@@ -100,27 +176,109 @@ def _twist_options(*argv: str) -> TwistOptions:
     return options
 
 
+def _log_line(options: TwistOptions, log_format: str, environ: dict[str, str] | None = None) -> str:
+    """What twist writes for one INFO event once aiproxy has set up its logging."""
+    use_aiproxy_logging(options.subOptions, LogLevel.info, log_format, environ or {})
+    out = options["logFile"]
+    observer = options["fileLogObserverFactory"](out)
+    Logger(namespace="aiproxy", observer=observer).info("Request started")
+    return str(out.getvalue())
+
+
+def _is_json(line: str) -> bool:
+    return bool(json.loads(line)["message"] == "Request started")
+
+
+def _is_plain_text(line: str) -> bool:
+    return line.endswith(" - aiproxy - INFO - Request started\n")
+
+
+def _is_coloured_text(line: str) -> bool:
+    return line.endswith(f" - aiproxy - {GREEN_INFO} - Request started\n")
+
+
 def test_log_level_applies_when_twist_was_not_told_one() -> None:
     """LOG_LEVEL sets twist's level when ``twist --log-level`` was left at its default."""
     options = _twist_options()
-    use_aiproxy_logging(options.subOptions, LogLevel.warn)
+    use_aiproxy_logging(options.subOptions, LogLevel.warn, "auto", {})
     assert options["logLevel"] is LogLevel.warn
 
 
 def test_twists_own_log_level_wins_when_given() -> None:
     """``twist --log-level=debug`` is kept whatever LOG_LEVEL says."""
     options = _twist_options("--log-level=debug")
-    use_aiproxy_logging(options.subOptions, LogLevel.warn)
+    use_aiproxy_logging(options.subOptions, LogLevel.warn, "auto", {})
     assert options["logLevel"] is LogLevel.debug
 
 
-def test_twists_log_format_choice_is_kept() -> None:
-    """``--log-format=text`` gets aiproxy's text lines, ``json`` its JSON lines."""
-    for flag, ours, theirs in (
-        ("text", text_log_observer, textFileLogObserver),
-        ("json", json_log_observer, jsonFileLogObserver),
-    ):
-        options = _twist_options(f"--log-format={flag}")
-        assert options["fileLogObserverFactory"] is theirs
-        use_aiproxy_logging(options.subOptions, LogLevel.info)
-        assert options["fileLogObserverFactory"] is ours
+def test_auto_logs_coloured_text_on_a_terminal(twist_stdout: Callable[[io.StringIO], None]) -> None:
+    """LOG_FORMAT=auto writes coloured text lines when twist logs to a terminal."""
+    twist_stdout(FakeTerminal())
+    assert _is_coloured_text(_log_line(_twist_options(), "auto"))
+
+
+def test_auto_logs_plain_text_with_no_color(twist_stdout: Callable[[io.StringIO], None]) -> None:
+    """NO_COLOR keeps the text lines on a terminal free of colour codes."""
+    twist_stdout(FakeTerminal())
+    assert _is_plain_text(_log_line(_twist_options(), "auto", {"NO_COLOR": "1"}))
+
+
+def test_auto_logs_json_when_not_a_terminal(twist_stdout: Callable[[io.StringIO], None]) -> None:
+    """LOG_FORMAT=auto writes JSON lines when twist's log file is not a terminal."""
+    twist_stdout(io.StringIO())
+    assert _is_json(_log_line(_twist_options(), "auto"))
+
+
+def test_auto_follows_twists_log_file(
+    twist_stdout: Callable[[io.StringIO], None], tmp_path: Path
+) -> None:
+    """With ``twist --log-file``, LOG_FORMAT=auto looks at that file, not the terminal."""
+    twist_stdout(FakeTerminal())
+    path = tmp_path / "aiproxy.log"
+    options = _twist_options(f"--log-file={path}")
+    use_aiproxy_logging(options.subOptions, LogLevel.info, "auto", {})
+    observer = options["fileLogObserverFactory"](options["logFile"])
+    Logger(namespace="aiproxy", observer=observer).info("Request started")
+    options["logFile"].close()
+    assert _is_json(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("flag", "stdout", "is_expected"),
+    [
+        ("json", FakeTerminal, _is_json),
+        ("text", io.StringIO, _is_plain_text),
+    ],
+)
+def test_twists_log_format_wins_over_auto(
+    twist_stdout: Callable[[io.StringIO], None],
+    flag: str,
+    stdout: type[io.StringIO],
+    is_expected: Callable[[str], bool],
+) -> None:
+    """``twist --log-format`` chooses the format when LOG_FORMAT is auto."""
+    twist_stdout(stdout())
+    assert is_expected(_log_line(_twist_options(f"--log-format={flag}"), "auto"))
+
+
+@pytest.mark.parametrize(
+    ("log_format", "flag", "stdout", "is_expected"),
+    [
+        ("json", "text", FakeTerminal, _is_json),
+        ("json", None, FakeTerminal, _is_json),
+        ("text", "json", io.StringIO, _is_plain_text),
+        ("text", "json", FakeTerminal, _is_coloured_text),
+        ("text", None, io.StringIO, _is_plain_text),
+    ],
+)
+def test_log_format_text_or_json_wins_over_everything(
+    twist_stdout: Callable[[io.StringIO], None],
+    log_format: str,
+    flag: str | None,
+    stdout: type[io.StringIO],
+    is_expected: Callable[[str], bool],
+) -> None:
+    """LOG_FORMAT=text or json wins over ``twist --log-format`` and the terminal check."""
+    twist_stdout(stdout())
+    argv = [] if flag is None else [f"--log-format={flag}"]
+    assert is_expected(_log_line(_twist_options(*argv), log_format))

@@ -1,0 +1,102 @@
+"""
+What happened to one request, gathered while it is handled: the content of its
+completion log line and of the metrics it moves.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+if TYPE_CHECKING:
+    from aiproxy.usage import Usage, UsageMeter
+
+__all__ = ["RequestRecord"]
+
+
+@attrs.define
+class RequestRecord:
+    """
+    One request's record, filled in by :class:`aiproxy.request.ProxyRequest` (the
+    client side) and by the proxy resource (the upstream side).
+
+    @ivar client: the client's address (see :func:`aiproxy.headers.original_client`),
+        ``unix`` for a UNIX socket peer.
+    @ivar upstream_status: the status of the upstream's response; L{None} if none came.
+    @ivar upstream_headers_after: seconds from the request's arrival to the upstream's
+        response headers (retries included); L{None} if none came.
+    @ivar duration: seconds from the request's arrival to the end of its response.
+    @ivar bytes_in: request body bytes received from the client.
+    @ivar bytes_out: response body bytes sent to the client.
+    @ivar retries: how many times the upstream request was sent again.
+    @ivar cancelled: the client left before its response ended.
+    @ivar upstream_error: the kind of upstream failure (see
+        :func:`aiproxy.errors.failure_kind`), if there was one.
+    @ivar usage_meter: what reads the model and token counts from the response body.
+    @ivar usage: the model and token counts read from the response, if any.
+    """
+
+    method: str = "-"
+    path: str = "-"
+    client: str = "-"
+    request_id: str = "-"
+    status: int = 0
+    upstream_status: int | None = None
+    upstream_headers_after: float | None = None
+    duration: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    retries: int = 0
+    cancelled: bool = False
+    upstream_error: str | None = None
+    usage_meter: UsageMeter | None = None
+    usage: Usage | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        """The record as the named fields of a log event (and of a JSON log line)."""
+        usage = self.usage
+        return {
+            "method": self.method,
+            "path": self.path,
+            "client": self.client,
+            "request_id": self.request_id,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "upstream_headers_after": self.upstream_headers_after,
+            "duration": self.duration,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "retries": self.retries,
+            "cancelled": self.cancelled,
+            "upstream_error": self.upstream_error,
+            "model": None if usage is None else usage.model,
+            "prompt_tokens": None if usage is None else usage.prompt_tokens,
+            "completion_tokens": None if usage is None else usage.completion_tokens,
+        }
+
+    def log_format(self) -> str:
+        """
+        The completion line's format: the product's documented line, then what is
+        known of the upstream exchange, each part in brackets.
+        """
+        if self.cancelled:
+            text = "Request aborted, connection lost before the response ended: "
+        else:
+            text = "Request completed: "
+        text += "{method} {path} [Status: {status}] [Time: {duration:.3f}s] [ID: {request_id}]"
+        text += " [Client: {client}]"
+        if self.upstream_status is not None:
+            text += " [Upstream: {upstream_status} after {upstream_headers_after:.3f}s]"
+        elif self.upstream_error is not None:
+            text += " [Upstream: {upstream_error}]"
+        text += " [Bytes: {bytes_in} in, {bytes_out} out]"
+        usage = self.usage
+        if usage is not None:
+            if usage.model is not None:
+                text += " [Model: {model}]"
+            if usage.prompt_tokens is not None or usage.completion_tokens is not None:
+                text += " [Tokens: {prompt_tokens} prompt, {completion_tokens} completion]"
+        if self.retries:
+            text += " [Retries: {retries}]"
+        return text

@@ -1,0 +1,276 @@
+"""
+What operators see of each request: its completion log record, and the Prometheus
+metrics at ``/api/metrics``; over a real ``Site`` with a fake upstream and clock.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address, UNIXAddress
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, capturedLogs, formatEvent
+
+from aiproxy.config import Config
+from aiproxy.metrics import MAX_MODELS, ProxyMetrics
+from aiproxy.record import RequestRecord
+from aiproxy.site import build_resource, build_site
+from aiproxy.usage import Usage
+
+from .fakes import ClientConnection, FakeAgent
+from .test_proxy import TARGET_URL, Proxy, start_proxy
+
+CHAT_REPLY = json.dumps(
+    {
+        "id": "chatcmpl-1",
+        "model": "gpt-test",
+        "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46},
+    }
+).encode()
+
+SSE_WITH_USAGE = [
+    b'data: {"model":"gpt-test","choices":[{"delta":{"content":"Hel"}}],"usage":null}\n\n',
+    b'data: {"model":"gpt-test","choices":[{"delta":{"content":"lo"}}],"usage":null}\n\n',
+    b'data: {"model":"gpt-test","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}'
+    b"\n\n",
+    b"data: [DONE]\n\n",
+]
+
+
+def completion(events: list[LogEvent]) -> LogEvent:
+    """The one completion record among ``events``, leaving out the metrics scrapes."""
+    [record] = [e for e in events if "bytes_out" in e and e["path"] != "/api/metrics"]
+    return record
+
+
+def samples(proxy: Proxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample that ``GET /api/metrics`` shows, by name and labels."""
+    client = ClientConnection(proxy.client.protocol.factory)
+    client.request(b"GET", b"/api/metrics")
+    response = client.response()
+    assert response.status == 200
+    assert (response.header(b"content-type") or b"").startswith(b"text/plain; version=")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.body.decode())
+        for sample in family.samples
+    }
+
+
+def value(proxy: Proxy, name: str, **labels: str) -> float:
+    """One sample's value; 0 for a labelled sample that does not exist yet."""
+    return samples(proxy).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_completion_record_of_a_json_reply_has_every_field() -> None:
+    """The completion line names the client, both statuses, the time to upstream headers,
+    the duration, the bytes each way, and the model and tokens of the reply."""
+    proxy = start_proxy()
+    body = b'{"model": "gpt-test", "messages": []}'
+    with capturedLogs() as events:
+        proxy.client.request(
+            b"POST",
+            b"/v1/chat/completions",
+            [(b"Content-Type", b"application/json"), (b"X-Request-ID", b"rec-1")],
+            body,
+        )
+        proxy.clock.advance(0.25)
+        response = proxy.agent.last.respond(
+            200, {b"Content-Type": [b"application/json; charset=utf-8"]}
+        )
+        proxy.clock.advance(0.5)
+        response.send(CHAT_REPLY[:40])
+        response.send(CHAT_REPLY[40:])
+        response.end()
+    record = completion(events)
+    assert {key: record[key] for key in RequestRecord().log_fields()} == {
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "client": "203.0.113.7",
+        "request_id": "rec-1",
+        "status": 200,
+        "upstream_status": 200,
+        "upstream_headers_after": 0.25,
+        "duration": 0.75,
+        "bytes_in": len(body),
+        "bytes_out": len(CHAT_REPLY),
+        "retries": 0,
+        "cancelled": False,
+        "upstream_error": None,
+        "model": "gpt-test",
+        "prompt_tokens": 12,
+        "completion_tokens": 34,
+    }
+    assert formatEvent(record) == (
+        "Request completed: POST /v1/chat/completions [Status: 200] [Time: 0.750s]"
+        " [ID: rec-1] [Client: 203.0.113.7] [Upstream: 200 after 0.250s]"
+        f" [Bytes: {len(body)} in, {len(CHAT_REPLY)} out] [Model: gpt-test]"
+        " [Tokens: 12 prompt, 34 completion]"
+    )
+    assert proxy.client.response().body == CHAT_REPLY
+
+
+def test_usage_in_the_last_event_of_a_stream_is_counted() -> None:
+    """A stream's usage chunk (``stream_options.include_usage``) gives the tokens, which
+    the record and ``aiproxy_tokens_total`` show; the events reach the client unchanged."""
+    proxy = start_proxy()
+    with capturedLogs() as events:
+        proxy.client.request(b"POST", b"/v1/chat/completions", body=b"{}")
+        response = proxy.agent.last.respond(200, {b"Content-Type": [b"text/event-stream"]})
+        assert value(proxy, "aiproxy_active_streams") == 1
+        for event in SSE_WITH_USAGE:
+            response.send(event)
+        response.end()
+    record = completion(events)
+    assert (record["model"], record["prompt_tokens"], record["completion_tokens"]) == (
+        "gpt-test",
+        5,
+        2,
+    )
+    assert proxy.client.response().body == b"".join(SSE_WITH_USAGE)
+    assert value(proxy, "aiproxy_active_streams") == 0
+    assert value(proxy, "aiproxy_tokens_total", model="gpt-test", kind="prompt") == 5
+    assert value(proxy, "aiproxy_tokens_total", model="gpt-test", kind="completion") == 2
+
+
+def test_a_client_leaving_mid_stream_is_recorded_and_counted_as_cancelled() -> None:
+    """The record says cancelled, the line says aborted, and
+    ``aiproxy_client_cancelled_total`` moves; the stream no longer counts as active."""
+    proxy = start_proxy()
+    with capturedLogs() as events:
+        proxy.client.request(b"GET", b"/v1/stream")
+        response = proxy.agent.last.respond(200, {b"Content-Type": [b"text/event-stream"]})
+        response.send(SSE_WITH_USAGE[0])
+        proxy.client.disconnect()
+        response.end(ConnectionLost())  # the proxy closed the upstream connection
+    record = completion(events)
+    assert record["cancelled"] is True
+    assert record["model"] == "gpt-test" and record["prompt_tokens"] is None
+    assert formatEvent(record).startswith("Request aborted, connection lost")
+    assert value(proxy, "aiproxy_client_cancelled_total") == 1
+    assert value(proxy, "aiproxy_active_streams") == 0
+
+
+def test_an_unreachable_upstream_is_recorded_by_kind() -> None:
+    """A failed connection leaves no upstream status, names the kind of failure in the
+    record and counts it in ``aiproxy_upstream_errors_total{kind}``."""
+    proxy = start_proxy(max_retries=0)
+    with capturedLogs() as events:
+        proxy.client.request(b"GET", b"/v1/models")
+        proxy.agent.last.deferred.errback(DNSLookupError("upstream.example"))
+    record = completion(events)
+    assert (record["status"], record["upstream_status"]) == (502, None)
+    assert record["upstream_error"] == "dns"
+    assert "[Upstream: dns]" in formatEvent(record)
+    assert value(proxy, "aiproxy_upstream_errors_total", kind="dns") == 1
+    assert value(proxy, "aiproxy_upstream_ttfb_seconds_count") == 0
+
+
+def test_retries_are_counted() -> None:
+    """``aiproxy_retries_total`` counts each upstream request sent again."""
+    proxy = start_proxy(max_retries=3, retry_backoff_factor=0.5)
+    proxy.client.request(b"GET", b"/v1/models")
+    for _ in range(2):
+        proxy.agent.last.deferred.errback(ConnectionRefusedError())
+        proxy.clock.advance(1)
+    proxy.agent.last.respond(200).end()
+    assert value(proxy, "aiproxy_retries_total") == 2
+
+
+def test_requests_durations_and_bytes_are_counted() -> None:
+    """A request moves ``aiproxy_requests_total{method,status}``, both histograms and
+    ``aiproxy_bytes_total{direction}``; ``aiproxy_active_requests`` counts it in flight."""
+    proxy = start_proxy()
+    proxy.client.request(b"POST", b"/v1/embeddings", body=b"x" * 100)
+    assert value(proxy, "aiproxy_active_requests") == 2  # it, and the scrape itself
+    proxy.clock.advance(2)
+    response = proxy.agent.last.respond(201)
+    response.send(b"y" * 30)
+    response.end()
+    assert value(proxy, "aiproxy_requests_total", method="POST", status="201") == 1
+    # The scrapes take no time on the fake clock: the one request of 2s is the difference.
+    within = samples(proxy)
+    bucket = "aiproxy_request_duration_seconds_bucket"
+    assert within[(bucket, (("le", "2.5"),))] - within[(bucket, (("le", "1.0"),))] == 1
+    assert value(proxy, "aiproxy_upstream_ttfb_seconds_sum") == 2
+    assert value(proxy, "aiproxy_bytes_total", direction="in") == 100
+    assert value(proxy, "aiproxy_bytes_total", direction="out") >= 30
+    assert value(proxy, "aiproxy_active_requests") == 1
+
+
+def test_histogram_buckets_reach_minutes() -> None:
+    """Latency buckets run from milliseconds to ten minutes, as LLM replies do."""
+    proxy = start_proxy()
+    buckets = {labels for name, labels in samples(proxy) if name.endswith("ttfb_seconds_bucket")}
+    bounds = sorted(float(dict(labels)["le"]) for labels in buckets)
+    assert bounds[0] <= 0.005 and 600 in bounds and bounds[-1] == float("inf")
+
+
+def test_unusual_methods_share_one_label() -> None:
+    """Methods outside the standard set are counted as ``OTHER``, never by their name."""
+    proxy = start_proxy()
+    proxy.client.request(b"BREW", b"/coffee")
+    proxy.agent.last.respond(418).end()
+    assert value(proxy, "aiproxy_requests_total", method="OTHER", status="418") == 1
+    assert not any(dict(labels).get("method") == "BREW" for _, labels in samples(proxy))
+
+
+def test_model_labels_are_capped() -> None:
+    """Only the first ``MAX_MODELS`` model names get a label; later ones count as other."""
+    metrics = ProxyMetrics(lambda: 0)
+    for n in range(MAX_MODELS + 5):
+        metrics.observe(RequestRecord(usage=Usage(f"model-{n}", 1, 1)))
+    labels = {
+        sample.labels["model"]
+        for family in text_string_to_metric_families(metrics.exposition()[0].decode())
+        if family.name == "aiproxy_tokens"
+        for sample in family.samples
+    }
+    assert len(labels) == MAX_MODELS + 1
+    assert "other" in labels and f"model-{MAX_MODELS}" not in labels
+
+
+def test_metrics_can_be_switched_off() -> None:
+    """With ``ENABLE_METRICS=false`` there is no metrics endpoint: the path is the
+    upstream's, like any other."""
+    proxy = start_proxy(enable_metrics=False)
+    proxy.client.request(b"GET", b"/api/metrics")
+    assert [call.url for call in proxy.agent.calls] == [TARGET_URL.encode() + b"/api/metrics"]
+
+
+def test_metrics_endpoint_refuses_other_methods() -> None:
+    """``POST /api/metrics`` gets the JSON 405 and reaches no upstream."""
+    proxy = start_proxy()
+    proxy.client.request(b"POST", b"/api/metrics", body=b"")
+    response = proxy.client.response()
+    assert response.status == 405
+    assert json.loads(response.body)["error"]["type"] == "method_not_allowed"
+    assert proxy.agent.calls == []
+
+
+def _client_seen(peer: Any, headers: list[tuple[bytes, bytes]], **settings: Any) -> str:
+    config = Config(target_url=TARGET_URL, **settings)
+    agent, clock = FakeAgent(), Clock()
+    site = build_site(build_resource(config, agent, clock), clock, config=config)
+    with capturedLogs() as events:
+        ClientConnection(site, peer).request(b"GET", b"/api/ping", headers)
+    [started] = [e for e in events if str(e.get("log_format")).startswith("Request started")]
+    client: str = started["client"]
+    assert completion(events)["client"] == client
+    return client
+
+
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
+    """The client address is the peer's unless the peer is in ``TRUSTED_PROXIES``; then
+    it is the first untrusted address of ``X-Forwarded-For``, read from the right."""
+    forwarded = [(b"X-Forwarded-For", b"198.51.100.9, 10.0.0.7")]
+    balancer = IPv4Address("TCP", "10.0.0.5", 4000)
+    assert _client_seen(balancer, forwarded) == "10.0.0.5"
+    assert _client_seen(balancer, forwarded, trusted_proxies=("10.0.0.0/8",)) == "198.51.100.9"
+    stranger = IPv4Address("TCP", "192.0.2.66", 4000)
+    assert _client_seen(stranger, forwarded, trusted_proxies=("10.0.0.0/8",)) == "192.0.2.66"
+    assert _client_seen(UNIXAddress(b"/run/aiproxy.sock"), forwarded) == "unix"
