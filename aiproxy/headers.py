@@ -102,7 +102,7 @@ def original_client(
 
     @param peer: the connection's peer address; L{None} for a UNIX socket peer.
     """
-    if peer is None or not _is_trusted(_parse_ip(peer), trusted):
+    if peer is None or not trusted or not _is_trusted(_parse_ip(peer), trusted):
         return peer
     client = peer
     for value in reversed(forwarded_for):

@@ -9,16 +9,24 @@ clients and upstreams) get a label of their own only for the first
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
 from twisted.web.server import Request
 
 from aiproxy.health import GetOnlyResource
 from aiproxy.record import RequestRecord
 
-__all__ = ["LATENCY_BUCKETS", "MAX_MODELS", "MetricsResource", "ProxyMetrics"]
+__all__ = ["LATENCY_BUCKETS", "MAX_MODELS", "LatencyHistogram", "MetricsResource", "ProxyMetrics"]
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -34,11 +42,36 @@ MAX_MODEL_LENGTH = 100
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+class LatencyHistogram:
+    """Observations counted into :data:`LATENCY_BUCKETS`, with their sum."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(LATENCY_BUCKETS)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one observation, in the first bucket whose bound it does not exceed."""
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        """The histogram as Prometheus has it: cumulative counts per upper bound."""
+        buckets = []
+        total = 0
+        for bound, count in zip(LATENCY_BUCKETS, self.counts, strict=True):
+            total += count
+            buckets.append((floatToGoString(bound), total))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+
+
 class ProxyMetrics:
     """
-    The proxy's metrics, in a registry of their own (``registry``, a new one if not
-    given), moved by each request when it starts (:meth:`started`) and when it ends
-    (:meth:`observe`).
+    The proxy's metrics, moved by each request when it starts (:meth:`started`) and
+    when it ends (:meth:`observe`), and collected in Prometheus' form when scraped.
+
+    Requests only add to plain numbers (the reactor runs them one at a time);
+    :meth:`collect` turns those into metric families. The metrics are registered in
+    ``registry`` (a new one if not given).
 
     @param active_streams: how many event streams are being relayed now (read at
         scrape time).
@@ -47,93 +80,51 @@ class ProxyMetrics:
     def __init__(
         self, active_streams: Callable[[], int], registry: CollectorRegistry | None = None
     ) -> None:
-        self.registry = CollectorRegistry(auto_describe=True) if registry is None else registry
-        registry = self.registry
-        self.requests = Counter(
-            "aiproxy_requests",
-            "Requests answered, by method and status.",
-            ["method", "status"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "aiproxy_request_duration_seconds",
-            "Seconds from a request's arrival to the end of its response.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.upstream_ttfb = Histogram(
-            "aiproxy_upstream_ttfb_seconds",
-            "Seconds from a request's arrival to the upstream's response headers.",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.active_requests = Gauge(
-            "aiproxy_active_requests", "Requests in flight.", registry=registry
-        )
-        Gauge(
-            "aiproxy_active_streams",
-            "Event streams (text/event-stream responses) being relayed.",
-            registry=registry,
-        ).set_function(active_streams)
-        self.upstream_errors = Counter(
-            "aiproxy_upstream_errors",
-            "Upstream requests that failed, by kind of failure.",
-            ["kind"],
-            registry=registry,
-        )
-        self.retries = Counter(
-            "aiproxy_retries", "Upstream requests sent again.", registry=registry
-        )
-        self.client_cancelled = Counter(
-            "aiproxy_client_cancelled",
-            "Requests whose client left before the response ended.",
-            registry=registry,
-        )
-        self.bytes = Counter(
-            "aiproxy_bytes",
-            "Body bytes received from clients (in) and sent to them (out).",
-            ["direction"],
-            registry=registry,
-        )
-        self.tokens = Counter(
-            "aiproxy_tokens",
-            "Tokens reported by the upstream's usage, by model and kind.",
-            ["model", "kind"],
-            registry=registry,
-        )
-        self._bytes_in = self.bytes.labels("in")
-        self._bytes_out = self.bytes.labels("out")
+        self.active_streams = active_streams
+        self.active_requests = 0
+        self.requests: dict[tuple[str, int], int] = {}
+        self.duration = LatencyHistogram()
+        self.upstream_ttfb = LatencyHistogram()
+        self.upstream_errors: dict[str, int] = {}
+        self.retries = 0
+        self.client_cancelled = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.tokens: dict[tuple[str, str], int] = {}
         self._models: set[str] = set()
+        self.registry = CollectorRegistry() if registry is None else registry
+        self.registry.register(self)
 
     def started(self) -> None:
         """A request has arrived."""
-        self.active_requests.inc()
+        self.active_requests += 1
 
     def observe(self, record: RequestRecord) -> None:
         """Count one request whose response has ended (or whose client has left)."""
-        self.active_requests.dec()
+        self.active_requests -= 1
         method = record.method if record.method in _METHODS else "OTHER"
-        self.requests.labels(method, str(record.status)).inc()
+        key = (method, record.status)
+        self.requests[key] = self.requests.get(key, 0) + 1
         self.duration.observe(record.duration)
         if record.upstream_headers_after is not None:
             self.upstream_ttfb.observe(record.upstream_headers_after)
         if record.upstream_error is not None:
-            self.upstream_errors.labels(record.upstream_error).inc()
-        if record.retries:
-            self.retries.inc(record.retries)
-        if record.cancelled:
-            self.client_cancelled.inc()
-        if record.bytes_in:
-            self._bytes_in.inc(record.bytes_in)
-        if record.bytes_out:
-            self._bytes_out.inc(record.bytes_out)
+            kind = record.upstream_error
+            self.upstream_errors[kind] = self.upstream_errors.get(kind, 0) + 1
+        self.retries += record.retries
+        self.client_cancelled += record.cancelled
+        self.bytes_in += record.bytes_in
+        self.bytes_out += record.bytes_out
         usage = record.usage
         if usage is not None:
             model = self._model_label(usage.model)
             if usage.prompt_tokens:
-                self.tokens.labels(model, "prompt").inc(usage.prompt_tokens)
+                self._add_tokens(model, "prompt", usage.prompt_tokens)
             if usage.completion_tokens:
-                self.tokens.labels(model, "completion").inc(usage.completion_tokens)
+                self._add_tokens(model, "completion", usage.completion_tokens)
+
+    def _add_tokens(self, model: str, kind: str, count: int) -> None:
+        self.tokens[model, kind] = self.tokens.get((model, kind), 0) + count
 
     def _model_label(self, model: str | None) -> str:
         if model is None:
@@ -145,6 +136,65 @@ class ProxyMetrics:
             self._models.add(model)
             return model
         return "other"
+
+    def collect(self) -> Iterator[Metric]:
+        """The metrics as Prometheus metric families (the ``Collector`` interface)."""
+        requests = CounterMetricFamily(
+            "aiproxy_requests",
+            "Requests answered, by method and status.",
+            labels=["method", "status"],
+        )
+        for (method, status), count in self.requests.items():
+            requests.add_metric([method, str(status)], count)
+        yield requests
+        yield self.duration.family(
+            "aiproxy_request_duration_seconds",
+            "Seconds from a request's arrival to the end of its response.",
+        )
+        yield self.upstream_ttfb.family(
+            "aiproxy_upstream_ttfb_seconds",
+            "Seconds from a request's arrival to the upstream's response headers.",
+        )
+        yield GaugeMetricFamily(
+            "aiproxy_active_requests", "Requests in flight.", value=self.active_requests
+        )
+        yield GaugeMetricFamily(
+            "aiproxy_active_streams",
+            "Event streams (text/event-stream responses) being relayed.",
+            value=self.active_streams(),
+        )
+        errors = CounterMetricFamily(
+            "aiproxy_upstream_errors",
+            "Upstream requests that failed, by kind of failure.",
+            labels=["kind"],
+        )
+        for kind, count in self.upstream_errors.items():
+            errors.add_metric([kind], count)
+        yield errors
+        yield CounterMetricFamily(
+            "aiproxy_retries", "Upstream requests sent again.", value=self.retries
+        )
+        yield CounterMetricFamily(
+            "aiproxy_client_cancelled",
+            "Requests whose client left before the response ended.",
+            value=self.client_cancelled,
+        )
+        moved = CounterMetricFamily(
+            "aiproxy_bytes",
+            "Body bytes received from clients (in) and sent to them (out).",
+            labels=["direction"],
+        )
+        moved.add_metric(["in"], self.bytes_in)
+        moved.add_metric(["out"], self.bytes_out)
+        yield moved
+        tokens = CounterMetricFamily(
+            "aiproxy_tokens",
+            "Tokens reported by the upstream's usage, by model and kind.",
+            labels=["model", "kind"],
+        )
+        for (model, kind), count in self.tokens.items():
+            tokens.add_metric([model, kind], count)
+        yield tokens
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """

@@ -274,3 +274,17 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy() -> None:
     stranger = IPv4Address("TCP", "192.0.2.66", 4000)
     assert _client_seen(stranger, forwarded, trusted_proxies=("10.0.0.0/8",)) == "192.0.2.66"
     assert _client_seen(UNIXAddress(b"/run/aiproxy.sock"), forwarded) == "unix"
+
+
+def test_a_duration_on_a_bucket_bound_counts_in_that_bucket() -> None:
+    """Buckets are "less than or equal": a request of exactly 1s is in ``le="1.0"``."""
+    metrics = ProxyMetrics(lambda: 0)
+    metrics.started()
+    metrics.observe(RequestRecord(duration=1.0))
+    [family] = [
+        f
+        for f in text_string_to_metric_families(metrics.exposition()[0].decode())
+        if f.name == "aiproxy_request_duration_seconds"
+    ]
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    assert (buckets["0.5"], buckets["1.0"], buckets["+Inf"]) == (0, 1, 1)
