@@ -18,7 +18,15 @@ from twisted.logger import LogLevel
 
 from aiproxy.target import Target, TargetError, parse_target
 
-__all__ = ["Config", "ConfigError", "IPNetwork", "Setting", "load_config", "settings"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "IPNetwork",
+    "Setting",
+    "load_config",
+    "log_level_name",
+    "settings",
+]
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 """An address range of ``TRUSTED_PROXIES``."""
@@ -150,6 +158,11 @@ def parse_log_format(text: str) -> str:
     if name not in LOG_FORMATS:
         raise ValueError(f"{text!r} is not one of {', '.join(LOG_FORMATS)}")
     return name
+
+
+def log_level_name(level: LogLevel) -> str:
+    """The ``LOG_LEVEL`` name of a :class:`twisted.logger.LogLevel`."""
+    return next(name for name, known in LOG_LEVELS.items() if known is level)
 
 
 def parse_log_level(text: str) -> str:

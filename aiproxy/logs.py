@@ -169,7 +169,7 @@ def use_colour(out: IO[str], environ: Mapping[str, str]) -> bool:
 
 def use_aiproxy_logging(
     options: usage.Options, level: LogLevel, log_format: str, environ: Mapping[str, str]
-) -> None:
+) -> tuple[LogLevel, str]:
     """
     Make ``twist`` log with aiproxy's observers, at ``level`` (from ``LOG_LEVEL``), in
     ``log_format`` (from ``LOG_FORMAT``: ``auto``, ``text`` or ``json``).
@@ -188,10 +188,13 @@ def use_aiproxy_logging(
     ``--log-format`` that names that default counts as not given. This only makes a
     difference with a ``--log-file`` other than standard output, where ``LOG_FORMAT``
     can say it instead.
+
+    @return: the level and format chosen (``text`` or ``json``; ``log_format`` itself
+        when there is no ``twist`` to configure), for worker processes to follow.
     """
     parent = getattr(options, "parent", None)
     if parent is None or "logLevel" not in parent:
-        return
+        return level, log_format
     if parent["logLevel"] == type(parent).defaultLogLevel:
         parent["logLevel"] = level
     if log_format == "auto":
@@ -201,6 +204,7 @@ def use_aiproxy_logging(
         return text_log_observer(out, colour=use_colour(out, environ))
 
     parent["fileLogObserverFactory"] = json_log_observer if log_format == "json" else text
+    return parent["logLevel"], log_format
 
 
 def _twist_log_format(parent: usage.Options) -> str:

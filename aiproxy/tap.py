@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
 from dotenv import dotenv_values
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -19,7 +20,7 @@ from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from aiproxy.activity import Activity
-from aiproxy.config import Config, ConfigError, load_config, settings
+from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
 from aiproxy.drain import DrainService
 from aiproxy.logs import use_aiproxy_logging
 from aiproxy.service import PoolService, SequentialMultiService
@@ -106,7 +107,11 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config: Config = options["config"]
-    use_aiproxy_logging(options, config.twisted_log_level, config.log_format, os.environ)
+    level, log_format = use_aiproxy_logging(
+        options, config.twisted_log_level, config.log_format, os.environ
+    )
+    # Worker processes log as this one does, whatever twist's own options said.
+    config = attrs.evolve(config, log_level=log_level_name(level), log_format=log_format)
     _tune_garbage_collector()
     try:
         service: IService

@@ -21,6 +21,8 @@ from aiproxy.logs import (
     use_aiproxy_logging,
     use_colour,
 )
+from aiproxy.tap import makeService
+from aiproxy.workers import WorkerSupervisor
 
 KEY = "sk-live-PLANTED0123456789"
 GREEN_INFO = "\x1b[32mINFO\x1b[0m"
@@ -282,3 +284,18 @@ def test_log_format_text_or_json_wins_over_everything(
     twist_stdout(stdout())
     argv = [] if flag is None else [f"--log-format={flag}"]
     assert is_expected(_log_line(_twist_options(*argv), log_format))
+
+
+def test_worker_processes_log_as_twist_was_told(
+    twist_stdout: Callable[[io.StringIO], None],
+) -> None:
+    """With ``--workers``, the level and format that twist's own options chose (not only
+    LOG_LEVEL and LOG_FORMAT) reach the workers' environment."""
+    twist_stdout(FakeTerminal())
+    options = TwistOptions()
+    options.parseOptions(
+        ["--log-format=json", "--log-level=debug", "aiproxy", "--workers=2", "--port=tcp:0"]
+    )
+    [supervisor] = list(makeService(options.subOptions))
+    assert isinstance(supervisor, WorkerSupervisor)
+    assert (supervisor.env["LOG_FORMAT"], supervisor.env["LOG_LEVEL"]) == ("json", "DEBUG")
