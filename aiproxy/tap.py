@@ -14,14 +14,16 @@ from typing import Any
 
 import attrs
 from dotenv import dotenv_values
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.python import usage
 
 from aiproxy.activity import Activity
 from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
 from aiproxy.drain import DrainService
+from aiproxy.listening import shared_if_inherited
 from aiproxy.logs import use_aiproxy_logging
 from aiproxy.service import PoolService, SequentialMultiService
 from aiproxy.site import build_resource, build_site
@@ -92,9 +94,10 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     drain.setServiceParent(top)
     for description in config.endpoints:
         try:
-            listener = strports.service(description, site, reactor=reactor)
+            endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
+        listener = StreamServerEndpointService(shared_if_inherited(endpoint), site)
         # Fail startService when the port cannot be opened, instead of logging and
         # running on without a listener.
         listener._raiseSynchronously = True

@@ -6,8 +6,8 @@ never accepts on it. It starts N workers, each a ``twist aiproxy --workers 1`` t
 inherits the sockets as file descriptors 3, 4, ... and listens on them with
 ``--port systemd:domain=INET:index=K``, as under systemd socket activation: a tiny
 launcher sets ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and ``LISTEN_PID`` (its own PID, kept
-by ``exec``), then becomes ``twist``. The kernel hands each new connection to one of
-the workers waiting in ``accept`` on the shared socket.
+by ``exec``), then becomes ``twist``. Each worker accepts one connection per wake-up
+(:mod:`aiproxy.listening`), so new connections go to the workers that are free.
 
 The workers get every setting through their environment (the parent's validated
 configuration, exported as the documented variables), so they run exactly the

@@ -1,0 +1,88 @@
+"""
+Listening on an inherited TCP socket that other processes accept on too.
+
+A worker process (``--workers``) or a process started by systemd socket activation gets
+its listening socket as a file descriptor, shared with its siblings. Twisted's own
+listening port accepts up to a hundred waiting connections each time the socket is
+readable, so when clients connect in a burst one process takes them all and its
+siblings idle: in the ``small`` benchmark (64 connections opened at once) two workers
+served 1,168 requests/s on one core between them. Accepting one connection per wake-up
+lets each process take connections only as fast as it gets back to its event loop, so a
+busy process leaves the next ones to an idle sibling: 2,035 requests/s on both cores
+(see BENCHMARKS.md).
+
+One private corner of Twisted is used: ``tcp.Port._fromListeningDescriptor``, which is
+how ``reactor.adoptStreamPort`` builds its port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.internet import fdesc, tcp
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.error import AlreadyListened
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from zope.interface import implementer
+
+__all__ = ["OneAcceptPort", "SharedSocketEndpoint", "shared_if_inherited"]
+
+
+class OneAcceptPort(tcp.Port):
+    """A TCP listening port that accepts at most one connection each time it is readable."""
+
+    @property
+    def numberAccepts(self) -> int:
+        """Always one (Twisted's port adapts this between 1 and a hundred or more)."""
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        """Twisted's adaptation is ignored."""
+
+
+@implementer(IStreamServerEndpoint)
+class SharedSocketEndpoint:
+    """
+    An inherited listening TCP socket (file descriptor ``fileno``), listened on with a
+    :class:`OneAcceptPort`. Like Twisted's ``AdoptedStreamServerEndpoint``, it can
+    listen once, and it closes ``fileno`` (the port keeps a duplicate).
+    """
+
+    def __init__(self, reactor: object, fileno: int, family: socket.AddressFamily) -> None:
+        self.reactor = reactor
+        self.fileno = fileno
+        self.family = family
+        self._used = False
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        """Start accepting on the socket."""
+        if self._used:
+            return fail(AlreadyListened())
+        self._used = True
+        try:
+            fdesc.setNonBlocking(self.fileno)
+            port = OneAcceptPort._fromListeningDescriptor(
+                self.reactor, self.fileno, self.family, factory
+            )
+            port.startListening()
+            os.close(self.fileno)
+        except BaseException:
+            return fail()
+        return succeed(port)
+
+
+def shared_if_inherited(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
+    """
+    ``endpoint``, or a :class:`SharedSocketEndpoint` in its place if it listens on an
+    inherited TCP socket (``systemd:domain=INET...``, as workers and socket activation
+    use).
+    """
+    if isinstance(endpoint, AdoptedStreamServerEndpoint) and endpoint.addressFamily in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        return SharedSocketEndpoint(endpoint.reactor, endpoint.fileno, endpoint.addressFamily)
+    return endpoint
