@@ -25,9 +25,10 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import AlreadyListened
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStreamServerEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-__all__ = ["OneAcceptPort", "SharedSocketEndpoint", "shared_if_inherited"]
+__all__ = ["OneAcceptPort", "SharedSocketEndpoint", "inherited", "shared_if_inherited"]
 
 
 class OneAcceptPort(tcp.Port):
@@ -86,3 +87,23 @@ def shared_if_inherited(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoin
     ):
         return SharedSocketEndpoint(endpoint.reactor, endpoint.fileno, endpoint.addressFamily)
     return endpoint
+
+
+def inherited(
+    reactor: object, fileno: int, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
+) -> tuple[IStreamServerEndpoint, IProtocolFactory]:
+    """
+    How a worker listens for ``endpoint`` (a ``tcp:``, ``tcp6:`` or ``ssl:`` endpoint)
+    on the socket its parent opened for it, file descriptor ``fileno``: a
+    :class:`SharedSocketEndpoint`, and for ``ssl:`` the ``factory`` wrapped in TLS
+    with the endpoint's certificate (and HTTP/2 offered by ALPN, as Twisted's own
+    ``ssl:`` listener does for a ``Site``).
+    """
+    probe = socket.socket(fileno=fileno)
+    family = probe.family
+    probe.detach()  # the descriptor stays open, for the port
+    shared = SharedSocketEndpoint(reactor, fileno, family)
+    context = getattr(endpoint, "_sslContextFactory", None)  # an ssl: endpoint
+    if context is None:
+        return shared, factory
+    return shared, TLSMemoryBIOFactory(context, False, factory)

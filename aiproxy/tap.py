@@ -18,16 +18,18 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
 from aiproxy.activity import Activity
 from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
 from aiproxy.drain import DrainService
-from aiproxy.listening import shared_if_inherited
+from aiproxy.listening import inherited, shared_if_inherited
 from aiproxy.logs import use_aiproxy_logging
 from aiproxy.service import PoolService, SequentialMultiService
 from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
+from aiproxy.workers import FIRST_FD, INHERITED_PORTS, WorkerSupervisor
 
 __all__ = ["Options", "build_service", "makeService"]
 
@@ -68,7 +70,7 @@ class Options(usage.Options):
             raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
 
 
-def build_service(config: Config, reactor: Any) -> MultiService:
+def build_service(config: Config, reactor: Any, *, inherited_ports: bool = False) -> MultiService:
     """
     Everything aiproxy runs: the upstream pool, and one listener per endpoint under the
     service that drains the site's connections.
@@ -79,6 +81,8 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     @param reactor: provides ``IReactorTCP``, ``IReactorTime`` and ``IReactorCore`` (and
         ``IReactorSSL``/``IReactorUNIX`` for those endpoints).
 
+    @param inherited_ports: the endpoints' sockets are open already, as file
+        descriptors 3, 4, ... in order (a worker process, see :mod:`aiproxy.workers`).
     @raise ConfigError: an endpoint string cannot be parsed.
     """
     pool = make_pool(reactor)
@@ -92,12 +96,15 @@ def build_service(config: Config, reactor: Any) -> MultiService:
     PoolService(pool).setServiceParent(top)
     drain = DrainService(activity, reactor, config.graceful_timeout)
     drain.setServiceParent(top)
-    for description in config.endpoints:
+    for index, description in enumerate(config.endpoints):
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
-        listener = StreamServerEndpointService(shared_if_inherited(endpoint), site)
+        factory: IProtocolFactory = site
+        if inherited_ports:
+            endpoint, factory = inherited(reactor, FIRST_FD + index, endpoint, site)
+        listener = StreamServerEndpointService(shared_if_inherited(endpoint), factory)
         # Fail startService when the port cannot be opened, instead of logging and
         # running on without a listener.
         listener._raiseSynchronously = True
@@ -119,11 +126,11 @@ def makeService(options: Options) -> IService:
     try:
         service: IService
         if config.max_workers > 1:
-            from aiproxy.workers import WorkerSupervisor
-
             service = WorkerSupervisor(config, reactor)
         else:
-            service = build_service(config, reactor)
+            service = build_service(
+                config, reactor, inherited_ports=os.environ.get(INHERITED_PORTS) == "1"
+            )
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
     command_line = _ExitIfCannotListen()

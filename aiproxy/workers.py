@@ -1,13 +1,14 @@
 """
 ``--workers N``: several worker processes serving the same listening sockets.
 
-The parent (the ``twist aiproxy`` process) opens every listening TCP socket once and
-never accepts on it. It starts N workers, each a ``twist aiproxy --workers 1`` that
-inherits the sockets as file descriptors 3, 4, ... and listens on them with
-``--port systemd:domain=INET:index=K``, as under systemd socket activation: a tiny
-launcher sets ``LISTEN_FDS``, ``LISTEN_FDNAMES`` and ``LISTEN_PID`` (its own PID, kept
-by ``exec``), then becomes ``twist``. Each worker accepts one connection per wake-up
-(:mod:`aiproxy.listening`), so new connections go to the workers that are free.
+The parent (the ``twist aiproxy`` process) opens the TCP socket of every listening
+endpoint (``tcp:``, ``tcp6:``, ``ssl:``) once and never accepts on it. It starts N
+workers, each a ``twist aiproxy --workers 1 --port ...`` with the parent's own endpoint
+strings, that inherits the sockets as file descriptors 3, 4, ... and, told so by
+:data:`INHERITED_PORTS`, listens on them instead of binding (adding TLS for ``ssl:``,
+with HTTP/2 by ALPN). A tiny launcher asks Linux to end a worker whose parent has died.
+Each worker accepts one connection per wake-up (:mod:`aiproxy.listening`), so new
+connections go to the workers that are free.
 
 The workers get every setting through their environment (the parent's validated
 configuration, exported as the documented variables), so they run exactly the
@@ -47,23 +48,22 @@ log = Logger(namespace="aiproxy")
 
 LAUNCHER = """\
 import os, sys
-n = int(sys.argv[1])
 try:
     import ctypes, signal
     ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 except Exception:
     pass
-os.environ["LISTEN_FDS"] = str(n)
-os.environ["LISTEN_FDNAMES"] = ":".join(["aiproxy"] * n)
-os.environ["LISTEN_PID"] = str(os.getpid())
-os.execv(sys.executable, [sys.executable, "-m", "twisted", *sys.argv[2:]])
+os.execv(sys.executable, [sys.executable, "-m", "twisted", *sys.argv[1:]])
 """
-"""Run as ``python -c LAUNCHER N ARGS...`` with the N listening sockets at fds 3...:
-sets the variables of systemd socket activation for its own PID, asks Linux to send it
-SIGTERM if the parent dies, and becomes ``twist ARGS...``."""
+"""Run as ``python -c LAUNCHER ARGS...``: asks Linux to send it SIGTERM if the parent
+dies, and becomes ``twist ARGS...``."""
+
+INHERITED_PORTS = "AIPROXY_INHERITED_PORTS"
+"""Set to ``1`` in a worker's environment: its ``--port`` endpoints are open already, as
+file descriptors 3, 4, ... in their order (see :func:`aiproxy.listening.inherited`)."""
 
 FIRST_FD = 3
-"""The first inherited socket's descriptor in a worker, as systemd passes them."""
+"""The first inherited socket's descriptor in a worker (as systemd passes them too)."""
 
 BACKOFF_FIRST = 0.5
 """Seconds before restarting a worker that died for the first time in a row."""
@@ -84,7 +84,7 @@ KILL_GRACE = 5.0
 
 @attrs.frozen
 class ListenSocket:
-    """One ``tcp:`` endpoint of the configuration, as the parent opens it."""
+    """The TCP socket of one endpoint of the configuration, as the parent opens it."""
 
     description: str
     family: socket.AddressFamily
@@ -109,30 +109,33 @@ class ListenSocket:
             raise CannotListenError(self.interface, self.port, e) from None
         return sock
 
-    @property
-    def domain(self) -> str:
-        """The ``domain`` of the worker's ``systemd:`` endpoint."""
-        return "INET6" if self.family == socket.AF_INET6 else "INET"
+
+_SHARED_KINDS = (
+    endpoints.TCP4ServerEndpoint,
+    endpoints.TCP6ServerEndpoint,
+    endpoints.SSL4ServerEndpoint,
+)
 
 
 def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket, ...]:
     """
-    The ``tcp:`` (and ``tcp6:``) endpoints among ``descriptions``.
+    The TCP sockets that the ``tcp:``, ``tcp6:`` and ``ssl:`` endpoints among
+    ``descriptions`` listen on (for ``ssl:``, each worker adds the TLS).
 
     @raise ConfigError: an endpoint is of another kind, or cannot be parsed.
     """
     result = []
     for description in descriptions:
         refused = ConfigError(
-            f"--workers supports only tcp: endpoints for now, not --port {description!r}"
+            f"--workers supports only tcp: and ssl: endpoints, not --port {description!r}"
         )
-        if description.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6"):
+        if description.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6", "ssl"):
             raise refused
         try:
             endpoint = endpoints.serverFromString(reactor, description)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
-        if not isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint):
+        if not isinstance(endpoint, _SHARED_KINDS):
             raise refused
         interface: str = endpoint._interface
         six = isinstance(endpoint, endpoints.TCP6ServerEndpoint) or ":" in interface
@@ -146,13 +149,14 @@ def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket
 
 
 def child_environment(config: Config, environ: Mapping[str, str]) -> dict[str, str]:
-    """``environ`` with every setting of ``config`` exported as its variable, and
-    ``MAX_WORKERS=1``."""
+    """``environ`` with every setting of ``config`` exported as its variable,
+    ``MAX_WORKERS=1`` and :data:`INHERITED_PORTS`."""
     env = dict(environ)
     for setting in settings():
         value = getattr(config, setting.attribute)
         env[setting.env] = repr(value) if isinstance(value, float) else format_value(value)
     env["MAX_WORKERS"] = "1"
+    env[INHERITED_PORTS] = "1"
     return env
 
 
@@ -257,13 +261,9 @@ class WorkerSupervisor(Service):
             self._start(slot)
 
     def arguments(self) -> list[str]:
-        """The launcher's command line, for a worker."""
-        ports = [
-            f"--port=systemd:domain={listen.domain}:index={index}"
-            for index, listen in enumerate(self.listen)
-        ]
-        count = str(len(self.listen))
-        return [sys.executable, "-c", LAUNCHER, count, "aiproxy", "--workers=1", *ports]
+        """The launcher's command line, for a worker: the parent's own endpoints."""
+        ports = [f"--port={listen.description}" for listen in self.listen]
+        return [sys.executable, "-c", LAUNCHER, "aiproxy", "--workers=1", *ports]
 
     def _start(self, slot: int) -> None:
         self.restarts.pop(slot, None)

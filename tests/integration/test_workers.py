@@ -10,11 +10,13 @@ import os
 import signal
 from pathlib import Path
 
+import trustme
 from twisted.internet.defer import Deferred, gatherResults
 
 from .conftest import Upstream
 from .processes import TwistProcess, run_twist
-from .support import request, wait_until
+from .support import LOOPBACK, free_port, request, wait_until
+from .test_http2 import h2_exchange, request_headers
 
 
 def _children(parent: int) -> set[int]:
@@ -105,11 +107,39 @@ async def test_two_workers_serve_restart_and_stop(upstream: Upstream, tmp_path: 
                     os.kill(pid, signal.SIGKILL)
 
 
-def test_workers_refuse_endpoints_other_than_tcp(tmp_path: Path) -> None:
+def test_workers_refuse_endpoints_other_than_tcp_and_ssl(tmp_path: Path) -> None:
     """With ``--workers 2``, a ``unix:`` endpoint fails the start with one line."""
     result = run_twist(
         ["--workers=2", f"--port=unix:{tmp_path / 'aiproxy.sock'}"], tmp_path, timeout=30
     )
     assert result.returncode != 0
-    assert "--workers supports only tcp: endpoints" in result.stdout + result.stderr
+    assert "--workers supports only tcp: and ssl: endpoints" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+async def test_workers_serve_tls_with_http2(upstream: Upstream, tmp_path: Path) -> None:
+    """With ``--workers 2``, an ``ssl:`` endpoint is served by the workers over TLS with
+    HTTP/2 by ALPN, beside a plain ``tcp:`` one."""
+    ca = trustme.CA()
+    key = tmp_path / "server.pem"
+    ca.issue_cert(LOOPBACK).private_key_and_cert_chain_pem.write_to_path(str(key))
+    tls_port = free_port()
+    twist = TwistProcess.start(
+        upstream.url,
+        tmp_path,
+        "--workers=2",
+        f"--port=ssl:{tls_port}:interface={LOOPBACK}:privateKey={key}",
+    )
+    try:
+        await twist.wait_ready(timeout=30)
+        await wait_until(lambda: len(_children(twist.process.pid)) == 2, 20, "two workers")
+        workers = _children(twist.process.pid)
+        requests = [(request_headers(b"GET", b"/v1/models"), None)] * 4
+        protocol, streams = await h2_exchange(tls_port, ca, requests)
+        assert protocol == b"h2"
+        assert [stream.status for stream in streams] == [200] * 4
+        await _all_succeed(twist.url, 10)
+        assert await twist.stop(timeout=20) in (0, -signal.SIGTERM), twist.log()
+        assert not any(_alive(pid) for pid in workers)
+    finally:
+        await twist.stop(timeout=20)

@@ -87,9 +87,10 @@ def test_starts_n_workers_sharing_the_listening_sockets() -> None:
             assert fds[3] == supervisor.sockets[0].fileno()
             assert fds[4] == supervisor.sockets[1].fileno()
             assert "--workers=1" in call["args"]
-            assert "--port=systemd:domain=INET:index=0" in call["args"]
-            assert "--port=systemd:domain=INET:index=1" in call["args"]
+            ports = [arg for arg in call["args"] if arg.startswith("--port=")]
+            assert ports == ["--port=tcp:0:interface=127.0.0.1"] * 2
             assert call["env"]["MAX_WORKERS"] == "1"
+            assert call["env"]["AIPROXY_INHERITED_PORTS"] == "1"
             assert call["env"]["PATH"] == "/bin"
         sock = supervisor.sockets[0]
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
@@ -193,17 +194,17 @@ def test_a_pending_restart_is_cancelled_by_stop() -> None:
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["unix:/tmp/aiproxy.sock", "systemd:domain=INET:index=0", "ssl:8443:privateKey=k.pem"],
+    ["unix:/tmp/aiproxy.sock", "systemd:domain=INET:index=0"],
 )
 def test_refuses_endpoints_other_than_tcp(endpoint: str) -> None:
-    with pytest.raises(ConfigError, match="--workers supports only tcp: endpoints"):
+    with pytest.raises(ConfigError, match="--workers supports only tcp: and ssl: endpoints"):
         WorkerSupervisor(_config(listen=(endpoint,)), MemoryReactorClock())
 
 
 def test_twist_refuses_workers_on_other_endpoints_in_one_line(tmp_path: Any) -> None:
     options = Options(environ={}, dotenv_path=str(tmp_path / ".env"))
     options.parseOptions(["--workers=2", "--port=unix:/tmp/aiproxy-test.sock"])
-    with pytest.raises(SystemExit, match="only tcp: endpoints"):
+    with pytest.raises(SystemExit, match="only tcp: and ssl: endpoints"):
         makeService(options)
 
 
