@@ -9,8 +9,11 @@ clients and upstreams) get a label of their own only for the first
 
 from __future__ import annotations
 
+import json
+import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -21,12 +24,25 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.web.server import Request
 
 from aiproxy.health import GetOnlyResource
 from aiproxy.record import RequestRecord
 
-__all__ = ["LATENCY_BUCKETS", "MAX_MODELS", "LatencyHistogram", "MetricsResource", "ProxyMetrics"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MAX_MODELS",
+    "LatencyHistogram",
+    "MetricsPublisher",
+    "MetricsResource",
+    "ProxyMetrics",
+    "SharedMetrics",
+    "merge_snapshots",
+]
 
 LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -38,6 +54,11 @@ MAX_MODELS = 100
 """Distinct model names that get a label value of their own."""
 
 MAX_MODEL_LENGTH = 100
+
+PUBLISH_INTERVAL = 1.0
+"""Seconds between two snapshots a worker publishes for its siblings."""
+
+log = Logger(namespace="aiproxy")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -54,14 +75,15 @@ class LatencyHistogram:
         self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
 
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        """The histogram as Prometheus has it: cumulative counts per upper bound."""
-        buckets = []
-        total = 0
-        for bound, count in zip(LATENCY_BUCKETS, self.counts, strict=True):
-            total += count
-            buckets.append((floatToGoString(bound), total))
-        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.sum)
+    def snapshot(self) -> dict[str, Any]:
+        """The counts and the sum, as JSON can hold them."""
+        return {"counts": list(self.counts), "sum": self.sum}
+
+
+Snapshot = dict[str, Any]
+"""One process's metrics as plain JSON data (see :meth:`ProxyMetrics.snapshot`)."""
+
+_GAUGES = ("active_requests", "active_streams")
 
 
 class ProxyMetrics:
@@ -71,16 +93,21 @@ class ProxyMetrics:
 
     Requests only add to plain numbers (the reactor runs them one at a time);
     :meth:`collect` turns those into metric families. The metrics are registered in
-    ``registry`` (a new one if not given).
+    ``registry`` (a new one if not given). With ``shared`` (worker processes), what
+    the other workers last published is added in.
 
     @param active_streams: how many event streams are being relayed now (read at
         scrape time).
     """
 
     def __init__(
-        self, active_streams: Callable[[], int], registry: CollectorRegistry | None = None
+        self,
+        active_streams: Callable[[], int],
+        registry: CollectorRegistry | None = None,
+        shared: SharedMetrics | None = None,
     ) -> None:
         self.active_streams = active_streams
+        self.shared = shared
         self.active_requests = 0
         self.requests: dict[tuple[str, int], int] = {}
         self.duration = LatencyHistogram()
@@ -137,64 +164,76 @@ class ProxyMetrics:
             return model
         return "other"
 
+    def snapshot(self) -> Snapshot:
+        """This process's metrics now, as plain JSON data."""
+        return {
+            "requests": {f"{method} {status}": n for (method, status), n in self.requests.items()},
+            "duration": self.duration.snapshot(),
+            "ttfb": self.upstream_ttfb.snapshot(),
+            "upstream_errors": dict(self.upstream_errors),
+            "retries": self.retries,
+            "client_cancelled": self.client_cancelled,
+            "bytes": {"in": self.bytes_in, "out": self.bytes_out},
+            "tokens": {f"{kind} {model}": n for (model, kind), n in self.tokens.items()},
+            "active_requests": self.active_requests,
+            "active_streams": self.active_streams(),
+        }
+
     def collect(self) -> Iterator[Metric]:
         """The metrics as Prometheus metric families (the ``Collector`` interface)."""
-        requests = CounterMetricFamily(
+        state = self.snapshot()
+        if self.shared is not None:
+            state = merge_snapshots(state, self.shared.others())
+        yield _counter_family(
             "aiproxy_requests",
             "Requests answered, by method and status.",
-            labels=["method", "status"],
+            ["method", "status"],
+            state["requests"],
         )
-        for (method, status), count in self.requests.items():
-            requests.add_metric([method, str(status)], count)
-        yield requests
-        yield self.duration.family(
+        yield _histogram_family(
             "aiproxy_request_duration_seconds",
             "Seconds from a request's arrival to the end of its response.",
+            state["duration"],
         )
-        yield self.upstream_ttfb.family(
+        yield _histogram_family(
             "aiproxy_upstream_ttfb_seconds",
             "Seconds from a request's arrival to the upstream's response headers.",
+            state["ttfb"],
         )
         yield GaugeMetricFamily(
-            "aiproxy_active_requests", "Requests in flight.", value=self.active_requests
+            "aiproxy_active_requests", "Requests in flight.", value=state["active_requests"]
         )
         yield GaugeMetricFamily(
             "aiproxy_active_streams",
             "Event streams (text/event-stream responses) being relayed.",
-            value=self.active_streams(),
+            value=state["active_streams"],
         )
-        errors = CounterMetricFamily(
+        yield _counter_family(
             "aiproxy_upstream_errors",
             "Upstream requests that failed, by kind of failure.",
-            labels=["kind"],
+            ["kind"],
+            state["upstream_errors"],
         )
-        for kind, count in self.upstream_errors.items():
-            errors.add_metric([kind], count)
-        yield errors
         yield CounterMetricFamily(
-            "aiproxy_retries", "Upstream requests sent again.", value=self.retries
+            "aiproxy_retries", "Upstream requests sent again.", value=state["retries"]
         )
         yield CounterMetricFamily(
             "aiproxy_client_cancelled",
             "Requests whose client left before the response ended.",
-            value=self.client_cancelled,
+            value=state["client_cancelled"],
         )
-        moved = CounterMetricFamily(
+        yield _counter_family(
             "aiproxy_bytes",
             "Body bytes received from clients (in) and sent to them (out).",
-            labels=["direction"],
+            ["direction"],
+            state["bytes"],
         )
-        moved.add_metric(["in"], self.bytes_in)
-        moved.add_metric(["out"], self.bytes_out)
-        yield moved
-        tokens = CounterMetricFamily(
+        yield _counter_family(
             "aiproxy_tokens",
             "Tokens reported by the upstream's usage, by model and kind.",
-            labels=["model", "kind"],
+            ["kind", "model"],
+            state["tokens"],
         )
-        for (model, kind), count in self.tokens.items():
-            tokens.add_metric([model, kind], count)
-        yield tokens
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """
@@ -203,6 +242,135 @@ class ProxyMetrics:
         """
         encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
+
+
+def _counter_family(
+    name: str, documentation: str, labels: list[str], counts: dict[str, int]
+) -> CounterMetricFamily:
+    """A labelled counter from counts keyed by their label values joined with spaces
+    (the last label takes the rest, so a model name may contain spaces)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in counts.items():
+        family.add_metric(key.split(" ", len(labels) - 1), count)
+    return family
+
+
+def _histogram_family(name: str, documentation: str, state: dict[str, Any]) -> Metric:
+    """A histogram from non-cumulative counts per bucket and their sum."""
+    buckets = []
+    total = 0
+    for bound, count in zip(LATENCY_BUCKETS, state["counts"], strict=True):
+        total += count
+        buckets.append((floatToGoString(bound), total))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=state["sum"])
+
+
+def merge_snapshots(own: Snapshot, others: Iterable[tuple[Snapshot, bool]]) -> Snapshot:
+    """
+    ``own`` plus the snapshots of other processes: counters and histograms are summed
+    (a process that has ended still counts, so totals never go down); the gauges only
+    from processes that are still running (``others`` says which, with each snapshot).
+    """
+    merged = json.loads(json.dumps(own))
+    for snapshot, alive in others:
+        for key, value in snapshot.items():
+            if key in _GAUGES and not alive:
+                continue
+            merged[key] = _add(merged.get(key), value)
+    return merged
+
+
+def _add(mine: Any, theirs: Any) -> Any:
+    if isinstance(theirs, dict):
+        total = dict(mine or {})
+        for key, value in theirs.items():
+            total[key] = _add(total.get(key), value)
+        return total
+    if isinstance(theirs, list):
+        return [a + b for a, b in zip(mine or [0] * len(theirs), theirs, strict=True)]
+    return (mine or 0) + theirs
+
+
+class SharedMetrics:
+    """
+    A directory where each worker process publishes its metrics, as
+    ``<pid>.json``, for the worker that is scraped to add them in.
+    """
+
+    def __init__(self, directory: str, pid: int | None = None) -> None:
+        self.directory = directory
+        self.pid = os.getpid() if pid is None else pid
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Write this process's snapshot (atomically: a reader sees the old or the new)."""
+        path = os.path.join(self.directory, f"{self.pid}.json")
+        partial = f"{path}.partial"
+        with open(partial, "w") as out:
+            json.dump(snapshot, out)
+        os.replace(partial, path)
+
+    def others(self) -> list[tuple[Snapshot, bool]]:
+        """The other processes' last snapshots, each with whether it still runs."""
+        found = []
+        for name in os.listdir(self.directory):
+            pid_text, _, extension = name.partition(".")
+            if extension != "json" or not pid_text.isdigit() or int(pid_text) == self.pid:
+                continue
+            try:
+                with open(os.path.join(self.directory, name)) as snapshot:
+                    found.append((json.load(snapshot), _running(int(pid_text))))
+            except (OSError, ValueError):
+                continue  # gone, or being replaced
+        return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class MetricsPublisher(Service):
+    """Publishes ``metrics`` to ``shared`` every ``interval`` seconds, and once at stop."""
+
+    def __init__(
+        self,
+        metrics: ProxyMetrics,
+        shared: SharedMetrics,
+        clock: IReactorTime,
+        interval: float = PUBLISH_INTERVAL,
+    ) -> None:
+        self.metrics = metrics
+        self.shared = shared
+        self.loop = LoopingCall(self.publish)
+        self.loop.clock = clock
+        self.interval = interval
+
+    def publish(self) -> None:
+        """Write the current snapshot; a failure is logged and the next try goes on."""
+        try:
+            self.shared.publish(self.metrics.snapshot())
+        except OSError:
+            log.failure(
+                "Cannot publish this worker's metrics to {directory}",
+                directory=self.shared.directory,
+            )
+
+    def startService(self) -> None:
+        """Publish now and every ``interval`` seconds."""
+        super().startService()
+        self.loop.start(self.interval, now=True)
+
+    def stopService(self) -> None:
+        """Publish the last figures."""
+        super().stopService()
+        if self.loop.running:
+            self.loop.stop()
+        self.publish()
 
 
 class MetricsResource(GetOnlyResource):

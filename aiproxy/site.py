@@ -20,7 +20,7 @@ from aiproxy.cors import preflight_headers as cors_preflight_headers
 from aiproxy.docs import docs_endpoints
 from aiproxy.errors import OriginNotAllowed
 from aiproxy.health import HealthResource, PingResource
-from aiproxy.metrics import MetricsResource, ProxyMetrics
+from aiproxy.metrics import MetricsResource, ProxyMetrics, SharedMetrics
 from aiproxy.proxy import ReverseProxyResource
 from aiproxy.request import ProxyRequest, send_error
 from aiproxy.retry import RetryPolicy
@@ -165,7 +165,11 @@ def build_site(
 
 
 def build_resource(
-    config: Config, agent: IAgent, clock: IReactorTime, activity: Activity | None = None
+    config: Config,
+    agent: IAgent,
+    clock: IReactorTime,
+    activity: Activity | None = None,
+    shared_metrics: SharedMetrics | None = None,
 ) -> ProxyRoot:
     """
     aiproxy's resource tree: ``/api/health``, ``/api/ping``, ``/api/metrics`` (unless
@@ -173,7 +177,8 @@ def build_resource(
     is false), and the proxy for the rest.
 
     ``/api/health`` says ``draining`` once ``activity`` does: pass the site's
-    :class:`Activity` (see :func:`build_site`) for that.
+    :class:`Activity` (see :func:`build_site`) for that. With ``shared_metrics`` (a
+    worker process), ``/api/metrics`` adds in what the other workers published.
     """
     proxy = ReverseProxyResource(
         config.target,
@@ -195,7 +200,7 @@ def build_resource(
     }
     metrics = None
     if config.enable_metrics:
-        metrics = ProxyMetrics(lambda: proxy.active_streams)
+        metrics = ProxyMetrics(lambda: proxy.active_streams, shared=shared_metrics)
         endpoints[b"/api/metrics"] = MetricsResource(metrics)
     if config.enable_docs:
         endpoints.update(docs_endpoints(config))

@@ -26,10 +26,11 @@ from aiproxy.config import Config, ConfigError, load_config, log_level_name, set
 from aiproxy.drain import DrainService
 from aiproxy.listening import inherited, shared_if_inherited
 from aiproxy.logs import use_aiproxy_logging
+from aiproxy.metrics import MetricsPublisher, SharedMetrics
 from aiproxy.service import PoolService, SequentialMultiService
 from aiproxy.site import build_resource, build_site
 from aiproxy.upstream import make_agent, make_pool
-from aiproxy.workers import FIRST_FD, INHERITED_PORTS, WorkerSupervisor
+from aiproxy.workers import FIRST_FD, INHERITED_PORTS, METRICS_DIR, WorkerSupervisor
 
 __all__ = ["Options", "build_service", "makeService"]
 
@@ -70,7 +71,13 @@ class Options(usage.Options):
             raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
 
 
-def build_service(config: Config, reactor: Any, *, inherited_ports: bool = False) -> MultiService:
+def build_service(
+    config: Config,
+    reactor: Any,
+    *,
+    inherited_ports: bool = False,
+    shared_metrics: SharedMetrics | None = None,
+) -> MultiService:
     """
     Everything aiproxy runs: the upstream pool, and one listener per endpoint under the
     service that drains the site's connections.
@@ -83,16 +90,20 @@ def build_service(config: Config, reactor: Any, *, inherited_ports: bool = False
 
     @param inherited_ports: the endpoints' sockets are open already, as file
         descriptors 3, 4, ... in order (a worker process, see :mod:`aiproxy.workers`).
+    @param shared_metrics: where this worker publishes its metrics for its siblings,
+        and finds theirs.
     @raise ConfigError: an endpoint string cannot be parsed.
     """
     pool = make_pool(reactor)
     agent = make_agent(reactor, config, pool)
     activity = Activity()
-    root = build_resource(config, agent, reactor, activity)
+    root = build_resource(config, agent, reactor, activity, shared_metrics)
     site = build_site(root, reactor, activity, config=config)
     # Services stop one after another, in reverse order: the drain (listeners first),
-    # then the pool.
+    # then the pool, then the last publication of the metrics.
     top = SequentialMultiService()
+    if shared_metrics is not None and root.metrics is not None:
+        MetricsPublisher(root.metrics, shared_metrics, reactor).setServiceParent(top)
     PoolService(pool).setServiceParent(top)
     drain = DrainService(activity, reactor, config.graceful_timeout)
     drain.setServiceParent(top)
@@ -128,8 +139,12 @@ def makeService(options: Options) -> IService:
         if config.max_workers > 1:
             service = WorkerSupervisor(config, reactor)
         else:
+            metrics_dir = os.environ.get(METRICS_DIR)
             service = build_service(
-                config, reactor, inherited_ports=os.environ.get(INHERITED_PORTS) == "1"
+                config,
+                reactor,
+                inherited_ports=os.environ.get(INHERITED_PORTS) == "1",
+                shared_metrics=None if metrics_dir is None else SharedMetrics(metrics_dir),
             )
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None

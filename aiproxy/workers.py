@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -57,6 +59,10 @@ os.execv(sys.executable, [sys.executable, "-m", "twisted", *sys.argv[1:]])
 """
 """Run as ``python -c LAUNCHER ARGS...``: asks Linux to send it SIGTERM if the parent
 dies, and becomes ``twist ARGS...``."""
+
+METRICS_DIR = "AIPROXY_METRICS_DIR"
+"""In a worker's environment: the directory where the workers publish their metrics
+for one another (see :class:`aiproxy.metrics.SharedMetrics`)."""
 
 INHERITED_PORTS = "AIPROXY_INHERITED_PORTS"
 """Set to ``1`` in a worker's environment: its ``--port`` endpoints are open already, as
@@ -239,12 +245,20 @@ class WorkerSupervisor(Service):
         self.early_deaths: list[float] = []
         self.stopping = False
         self.gave_up = False
+        self.metrics_dir: str | None = None
 
     # --- start ---------------------------------------------------------------------
 
     def startService(self) -> None:
-        """Open every socket (L{CannotListenError} if one cannot be), start the workers."""
+        """
+        Open every socket (L{CannotListenError} if one cannot be), make the directory
+        where the workers share their metrics (removed once they have stopped), and
+        start the workers.
+        """
         self.stopping = False
+        if self.config.enable_metrics and self.metrics_dir is None:
+            self.metrics_dir = tempfile.mkdtemp(prefix="aiproxy-metrics-")
+            self.env[METRICS_DIR] = self.metrics_dir
         for listen in self.listen:
             try:
                 self.sockets.append(listen.open())
@@ -367,6 +381,10 @@ class WorkerSupervisor(Service):
             log.warn("Worker {slot} (pid {pid}) did not stop; killing it", **_fields(worker))
             worker.signal("KILL")
         await self._ended_within(left, KILL_GRACE)
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir = None
+            del self.env[METRICS_DIR]
 
     def _ended_within(self, workers: list[_Worker], timeout: float) -> Deferred[None]:
         """Fires when every one of ``workers`` has ended, or after ``timeout`` seconds."""

@@ -11,11 +11,12 @@ import signal
 from pathlib import Path
 
 import trustme
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults
 
 from .conftest import Upstream
 from .processes import TwistProcess, run_twist
-from .support import LOOPBACK, free_port, request, wait_until
+from .support import LOOPBACK, free_port, request, sleep, wait_until
 from .test_http2 import h2_exchange, request_headers
 
 
@@ -143,3 +144,51 @@ async def test_workers_serve_tls_with_http2(upstream: Upstream, tmp_path: Path) 
         assert not any(_alive(pid) for pid in workers)
     finally:
         await twist.stop(timeout=20)
+
+
+def _posts_counted(body: bytes) -> float:
+    """``aiproxy_requests_total{method="POST",status="200"}`` in a metrics page."""
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "aiproxy_requests_total" and sample.labels == {
+                "method": "POST",
+                "status": "200",
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+async def test_metrics_of_every_worker_are_added_up(upstream: Upstream, tmp_path: Path) -> None:
+    """Whichever worker a scrape reaches, ``/api/metrics`` counts the requests served by
+    both (within the workers' one-second publishing interval)."""
+    twist = TwistProcess.start(upstream.url, tmp_path, "--workers=2")
+    try:
+        await twist.wait_ready(timeout=30)
+        await wait_until(lambda: len(_children(twist.process.pid)) == 2, 20, "two workers")
+        worker = min(_children(twist.process.pid))
+        environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+        [shared] = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"AIPROXY_METRICS_DIR=")]
+        published = Path(shared.decode())
+        await wait_until(lambda: len(list(published.glob("*.json"))) == 2, 10, "2 published")
+        chats = [
+            Deferred.fromCoroutine(request(b"POST", twist.url + "/v1/chat/completions", {}, b"{}"))
+            for _ in range(30)
+        ]
+        assert [r.code for r, _ in await gatherResults(chats)] == [200] * 30
+        seen: list[float] = []
+
+        async def scrape() -> float:
+            response, body = await request(b"GET", twist.url + "/api/metrics")
+            assert response.code == 200
+            seen.append(_posts_counted(body))
+            return seen[-1]
+
+        for _ in range(40):
+            if await scrape() == 30:
+                break
+            await sleep(0.1)
+        for _ in range(8):
+            assert await scrape() == 30, seen
+    finally:
+        assert await twist.stop(timeout=20) in (0, -signal.SIGTERM), twist.log()
+    assert not published.exists()  # the parent removed it

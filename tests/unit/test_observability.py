@@ -6,6 +6,7 @@ metrics at ``/api/metrics``; over a real ``Site`` with a fake upstream and clock
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from aiproxy.config import Config
-from aiproxy.metrics import MAX_MODELS, ProxyMetrics
+from aiproxy.metrics import MAX_MODELS, ProxyMetrics, SharedMetrics, merge_snapshots
 from aiproxy.record import RequestRecord
 from aiproxy.site import build_resource, build_site
 from aiproxy.usage import Usage
@@ -288,3 +289,49 @@ def test_a_duration_on_a_bucket_bound_counts_in_that_bucket() -> None:
     ]
     buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
     assert (buckets["0.5"], buckets["1.0"], buckets["+Inf"]) == (0, 1, 1)
+
+
+def test_worker_snapshots_add_up_and_only_running_workers_count_as_active() -> None:
+    """Counters of every worker are summed, an ended worker's included, so totals
+    never go down when a worker is replaced; gauges count running workers only."""
+    mine = ProxyMetrics(lambda: 1)
+    mine.started()
+    mine.observe(RequestRecord(method="GET", status=200, duration=0.2, bytes_out=10))
+    mine.started()
+    running = ProxyMetrics(lambda: 2)
+    running.started()
+    running.observe(RequestRecord(method="GET", status=200, duration=3.0, retries=2))
+    ended = ProxyMetrics(lambda: 5)
+    ended.started()
+    ended.observe(RequestRecord(method="POST", status=502, upstream_error="connect"))
+    ended.started()
+    merged = merge_snapshots(
+        mine.snapshot(), [(running.snapshot(), True), (ended.snapshot(), False)]
+    )
+    assert merged["requests"] == {"GET 200": 2, "POST 502": 1}
+    assert merged["upstream_errors"] == {"connect": 1}
+    assert merged["retries"] == 2 and merged["bytes"] == {"in": 0, "out": 10}
+    assert sum(merged["duration"]["counts"]) == 3 and merged["duration"]["sum"] == 3.2
+    assert (merged["active_requests"], merged["active_streams"]) == (1, 3)
+
+
+def test_workers_publish_to_and_read_from_a_shared_directory(tmp_path: Any) -> None:
+    """A worker's ``/api/metrics`` shows the sum of its own figures and those its
+    siblings published; a half-written or foreign file is ignored."""
+    sibling = ProxyMetrics(lambda: 0)
+    sibling.started()
+    sibling.observe(RequestRecord(method="POST", status=200, usage=Usage("m", 3, 4)))
+    SharedMetrics(str(tmp_path), pid=os.getpid() + 1_000_000).publish(sibling.snapshot())
+    (tmp_path / "12.json.partial").write_text("{")
+    (tmp_path / "notes.txt").write_text("x")
+    scraped = ProxyMetrics(lambda: 0, shared=SharedMetrics(str(tmp_path)))
+    scraped.started()
+    scraped.observe(RequestRecord(method="POST", status=200, usage=Usage("m", 1, 1)))
+    families = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped.exposition()[0].decode())
+        for sample in family.samples
+    }
+    assert families[("aiproxy_requests_total", (("method", "POST"), ("status", "200")))] == 2
+    assert families[("aiproxy_tokens_total", (("kind", "prompt"), ("model", "m")))] == 4
+    assert families[("aiproxy_tokens_total", (("kind", "completion"), ("model", "m")))] == 5
