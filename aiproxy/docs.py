@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from importlib import resources
 
@@ -169,7 +170,12 @@ def _swagger_ui_files() -> dict[bytes, IResource]:
     static = resources.files("swagger_ui") / "static"
     return {
         b"/api/docs/" + name.encode("ascii"): StaticResource(
-            (static / name).read_bytes(), content_type, ASSET_CACHE_CONTROL
+            _SOURCE_MAP.sub(b"", (static / name).read_bytes()), content_type, ASSET_CACHE_CONTROL
         )
         for name, content_type in SWAGGER_UI_ASSETS.items()
     }
+
+
+_SOURCE_MAP = re.compile(rb"/\*# sourceMappingURL=[^*]*\*/\s*\Z|//# sourceMappingURL=\S*\s*\Z")
+"""A trailing source-map comment: the map is not served, so a browser's developer tools
+would ask the upstream for it."""

@@ -133,7 +133,6 @@ def makeService(options: Options) -> IService:
     )
     # Worker processes log as this one does, whatever twist's own options said.
     config = attrs.evolve(config, log_level=log_level_name(level), log_format=log_format)
-    _tune_garbage_collector()
     try:
         service: IService
         if config.max_workers > 1:
@@ -150,12 +149,13 @@ def makeService(options: Options) -> IService:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
     command_line = _ExitIfCannotListen()
     service.setServiceParent(command_line)
+    _tune_garbage_collector()  # after building: what was built lives as long as the process
     return command_line
 
 
 def _tune_garbage_collector() -> None:
     """
-    Collect cyclic garbage less often, and never rescan what start-up loaded.
+    Collect cyclic garbage less often, and never rescan what start-up loaded and built.
 
     Each proxied request allocates a few hundred objects (Deferreds, protocols,
     headers), so CPython's default threshold of 700 runs a collection every few
