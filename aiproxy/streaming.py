@@ -201,15 +201,11 @@ class ResponseForwarder(Protocol):
             self._last_data = self._clock.seconds()
             self.request.write(data)
             if self.meter is not None:
-                self._measure(data)
-
-    def _measure(self, data: bytes) -> None:
-        """Show the chunk just sent to the usage meter; a meter that fails is dropped."""
-        try:
-            self.meter.feed(data)  # type: ignore[union-attr]
-        except Exception:
-            log.failure("Token usage meter failed; usage of this response is not counted")
-            self.meter = None
+                try:
+                    self.meter.feed(data)
+                except Exception:  # a bug in the meter must not break the response
+                    log.failure("Token usage meter failed; this response's usage is not counted")
+                    self.meter = None
 
     def connectionLost(self, reason: Failure = ResponseDone) -> None:  # type: ignore[assignment]
         """Finish the client's response, or abort it if the body ended early."""

@@ -12,6 +12,7 @@ import pytest
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http import PotentialDataLoss
@@ -296,3 +297,35 @@ def test_aborting_an_http2_response_resets_the_stream_and_ends_the_request() -> 
     abort_response(_Request())  # type: ignore[arg-type]
     assert stream.reset
     assert len(stream.lost) == 1
+
+
+class BrokenMeter:
+    """A usage meter with a bug: it fails on its second chunk."""
+
+    def __init__(self) -> None:
+        self.fed: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        self.fed.append(data)
+        if len(self.fed) == 2:
+            raise ValueError("a bug in the meter")
+
+    def result(self) -> None:
+        return None
+
+
+def test_a_failing_usage_meter_never_breaks_the_response(exchange) -> None:
+    """The meter sees each chunk after the client got it; if it fails, it is dropped
+    and logged, and the body still reaches the client whole."""
+    client, forwarder, _ = exchange
+    meter = forwarder.meter = BrokenMeter()
+    with capturedLogs() as events:
+        for n in range(4):
+            forwarder.dataReceived(b"data: %d\n\n" % n)
+        forwarder.connectionLost(Failure(ResponseDone()))
+    assert meter.fed == [b"data: 0\n\n", b"data: 1\n\n"]
+    assert forwarder.meter is None
+    assert client.response().body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\n"
+    assert client.response().complete
+    [failure] = [e for e in events if e.get("log_failure") is not None]
+    assert failure["log_failure"].check(ValueError)
