@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import fdesc, tcp
+from twisted.internet import fdesc, tcp, unix
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import AlreadyListened
@@ -28,11 +28,17 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-__all__ = ["OneAcceptPort", "SharedSocketEndpoint", "inherited", "shared_if_inherited"]
+__all__ = [
+    "OneAcceptPort",
+    "OneAcceptUNIXPort",
+    "SharedSocketEndpoint",
+    "inherited",
+    "shared_if_inherited",
+]
 
 
-class OneAcceptPort(tcp.Port):
-    """A TCP listening port that accepts at most one connection each time it is readable."""
+class _OneAccept:
+    """Accepts at most one connection each time the listening socket is readable."""
 
     @property
     def numberAccepts(self) -> int:
@@ -44,12 +50,21 @@ class OneAcceptPort(tcp.Port):
         """Twisted's adaptation is ignored."""
 
 
+class OneAcceptPort(_OneAccept, tcp.Port):
+    """A TCP listening port that accepts one connection each time it is readable."""
+
+
+class OneAcceptUNIXPort(_OneAccept, unix.Port):
+    """A UNIX listening port that accepts one connection each time it is readable."""
+
+
 @implementer(IStreamServerEndpoint)
 class SharedSocketEndpoint:
     """
-    An inherited listening TCP socket (file descriptor ``fileno``), listened on with a
-    :class:`OneAcceptPort`. Like Twisted's ``AdoptedStreamServerEndpoint``, it can
-    listen once, and it closes ``fileno`` (the port keeps a duplicate).
+    An inherited listening socket (file descriptor ``fileno``, TCP or UNIX), listened
+    on with a :class:`OneAcceptPort` (or :class:`OneAcceptUNIXPort`). Like Twisted's
+    ``AdoptedStreamServerEndpoint``, it can listen once, and it closes ``fileno`` (the
+    port keeps a duplicate).
     """
 
     def __init__(self, reactor: object, fileno: int, family: socket.AddressFamily) -> None:
@@ -65,9 +80,15 @@ class SharedSocketEndpoint:
         self._used = True
         try:
             fdesc.setNonBlocking(self.fileno)
-            port = OneAcceptPort._fromListeningDescriptor(
-                self.reactor, self.fileno, self.family, factory
-            )
+            port: tcp.Port | unix.Port
+            if self.family == socket.AF_UNIX:
+                port = OneAcceptUNIXPort._fromListeningDescriptor(
+                    self.reactor, self.fileno, factory
+                )
+            else:
+                port = OneAcceptPort._fromListeningDescriptor(
+                    self.reactor, self.fileno, self.family, factory
+                )
             port.startListening()
             os.close(self.fileno)
         except BaseException:
@@ -93,7 +114,7 @@ def inherited(
     reactor: object, fileno: int, endpoint: IStreamServerEndpoint, factory: IProtocolFactory
 ) -> tuple[IStreamServerEndpoint, IProtocolFactory]:
     """
-    How a worker listens for ``endpoint`` (a ``tcp:``, ``tcp6:`` or ``ssl:`` endpoint)
+    How a worker listens for ``endpoint`` (``tcp:``, ``tcp6:``, ``ssl:`` or ``unix:``)
     on the socket its parent opened for it, file descriptor ``fileno``: a
     :class:`SharedSocketEndpoint`, and for ``ssl:`` the ``factory`` wrapped in TLS
     with the endpoint's certificate (and HTTP/2 offered by ALPN, as Twisted's own

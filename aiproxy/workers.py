@@ -1,8 +1,8 @@
 """
 ``--workers N``: several worker processes serving the same listening sockets.
 
-The parent (the ``twist aiproxy`` process) opens the TCP socket of every listening
-endpoint (``tcp:``, ``tcp6:``, ``ssl:``) once and never accepts on it. It starts N
+The parent (the ``twist aiproxy`` process) opens the socket of every listening endpoint
+(``tcp:``, ``tcp6:``, ``ssl:``, ``unix:``) once and never accepts on it. It starts N
 workers, each a ``twist aiproxy --workers 1 --port ...`` with the parent's own endpoint
 strings, that inherits the sockets as file descriptors 3, 4, ... and, told so by
 :data:`INHERITED_PORTS`, listens on them instead of binding (adding TLS for ``ssl:``,
@@ -90,7 +90,11 @@ KILL_GRACE = 5.0
 
 @attrs.frozen
 class ListenSocket:
-    """The TCP socket of one endpoint of the configuration, as the parent opens it."""
+    """
+    The socket of one endpoint of the configuration, as the parent opens it: a TCP
+    socket on ``(interface, port)``, or a UNIX socket at ``interface`` (a path; ``port``
+    is then its file mode).
+    """
 
     description: str
     family: socket.AddressFamily
@@ -105,27 +109,39 @@ class ListenSocket:
         """
         sock = socket.socket(self.family, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if self.family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((self.interface, self.port))
+            if self.family == socket.AF_UNIX:
+                sock.bind(self.interface)
+                os.chmod(self.interface, self.port)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((self.interface, self.port))
             sock.listen(self.backlog)
         except OSError as e:
             sock.close()
             raise CannotListenError(self.interface, self.port, e) from None
         return sock
 
+    def close(self, sock: socket.socket) -> None:
+        """Close ``sock``, and remove a UNIX socket's file, as Twisted does."""
+        sock.close()
+        if self.family == socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                os.unlink(self.interface)
+
 
 _SHARED_KINDS = (
     endpoints.TCP4ServerEndpoint,
     endpoints.TCP6ServerEndpoint,
     endpoints.SSL4ServerEndpoint,
+    endpoints.UNIXServerEndpoint,
 )
 
 
 def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket, ...]:
     """
-    The TCP sockets that the ``tcp:``, ``tcp6:`` and ``ssl:`` endpoints among
+    The sockets that the ``tcp:``, ``tcp6:``, ``ssl:`` and ``unix:`` endpoints among
     ``descriptions`` listen on (for ``ssl:``, each worker adds the TLS).
 
     @raise ConfigError: an endpoint is of another kind, or cannot be parsed.
@@ -133,9 +149,9 @@ def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket
     result = []
     for description in descriptions:
         refused = ConfigError(
-            f"--workers supports only tcp: and ssl: endpoints, not --port {description!r}"
+            f"--workers supports only tcp:, ssl: and unix: endpoints, not --port {description!r}"
         )
-        if description.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6", "ssl"):
+        if description.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6", "ssl", "unix"):
             raise refused
         try:
             endpoint = endpoints.serverFromString(reactor, description)
@@ -143,6 +159,13 @@ def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
         if not isinstance(endpoint, _SHARED_KINDS):
             raise refused
+        if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+            path = os.path.abspath(endpoint._address)
+            listen = ListenSocket(
+                description, socket.AF_UNIX, path, endpoint._mode, endpoint._backlog
+            )
+            result.append(listen)
+            continue
         interface: str = endpoint._interface
         six = isinstance(endpoint, endpoints.TCP6ServerEndpoint) or ":" in interface
         if six and not interface:
@@ -410,8 +433,8 @@ class WorkerSupervisor(Service):
         return done
 
     def _close_sockets(self) -> None:
-        for sock in self.sockets:
-            sock.close()
+        for listen, sock in zip(self.listen, self.sockets, strict=False):
+            listen.close(sock)
         self.sockets.clear()
 
 

@@ -9,11 +9,13 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from pathlib import Path
 
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
 
 from .conftest import Upstream
 from .processes import TwistProcess, run_twist
@@ -109,13 +111,11 @@ async def test_two_workers_serve_restart_and_stop(upstream: Upstream, tmp_path: 
                     os.kill(pid, signal.SIGKILL)
 
 
-def test_workers_refuse_endpoints_other_than_tcp_and_ssl(tmp_path: Path) -> None:
-    """With ``--workers 2``, a ``unix:`` endpoint fails the start with one line."""
-    result = run_twist(
-        ["--workers=2", f"--port=unix:{tmp_path / 'aiproxy.sock'}"], tmp_path, timeout=30
-    )
+def test_workers_refuse_endpoints_they_cannot_share(tmp_path: Path) -> None:
+    """With ``--workers 2``, a ``systemd:`` endpoint fails the start with one line."""
+    result = run_twist(["--workers=2", "--port=systemd:domain=INET:index=0"], tmp_path, timeout=30)
     assert result.returncode != 0
-    assert "--workers supports only tcp: and ssl: endpoints" in result.stdout + result.stderr
+    assert "--workers supports only tcp:, ssl: and unix: endpoints" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
 
 
@@ -190,3 +190,31 @@ async def test_metrics_of_every_worker_are_added_up(upstream: Upstream, tmp_path
     finally:
         assert await twist.stop(timeout=20) in (0, -signal.SIGTERM), twist.log()
     assert not published.exists()  # the parent removed it
+
+
+def _get_over_unix(path: str) -> bytes:
+    """One ``GET /api/ping`` over a UNIX socket; the whole response (run in a thread)."""
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(path)
+        client.sendall(b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := client.recv(65536):
+            response += chunk
+    return response
+
+
+async def test_workers_serve_a_unix_socket(upstream: Upstream, tmp_path: Path) -> None:
+    """A ``unix:`` endpoint is bound once by the parent and served by the workers; its
+    file is gone after the parent stops."""
+    path = tmp_path / "aiproxy.sock"
+    twist = TwistProcess.start(upstream.url, tmp_path, "--workers=2", f"--port=unix:{path}")
+    try:
+        await twist.wait_ready(timeout=30)
+        for _ in range(4):
+            response = await deferToThread(_get_over_unix, str(path))
+            assert response.startswith(b"HTTP/1.1 200 ")
+            assert response.endswith(b'{"ping": "pong"}')
+    finally:
+        assert await twist.stop(timeout=20) in (0, -signal.SIGTERM), twist.log()
+    assert not path.exists()

@@ -192,19 +192,16 @@ def test_a_pending_restart_is_cancelled_by_stop() -> None:
     assert len(spawn.calls) == 2
 
 
-@pytest.mark.parametrize(
-    "endpoint",
-    ["unix:/tmp/aiproxy.sock", "systemd:domain=INET:index=0"],
-)
-def test_refuses_endpoints_other_than_tcp(endpoint: str) -> None:
-    with pytest.raises(ConfigError, match="--workers supports only tcp: and ssl: endpoints"):
+@pytest.mark.parametrize("endpoint", ["systemd:domain=INET:index=0", "stdio:"])
+def test_refuses_endpoints_other_than_tcp_ssl_and_unix(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="--workers supports only tcp:, ssl: and unix: endpoints"):
         WorkerSupervisor(_config(listen=(endpoint,)), MemoryReactorClock())
 
 
 def test_twist_refuses_workers_on_other_endpoints_in_one_line(tmp_path: Any) -> None:
     options = Options(environ={}, dotenv_path=str(tmp_path / ".env"))
-    options.parseOptions(["--workers=2", "--port=unix:/tmp/aiproxy-test.sock"])
-    with pytest.raises(SystemExit, match="only tcp: and ssl: endpoints"):
+    options.parseOptions(["--workers=2", "--port=systemd:domain=INET:index=0"])
+    with pytest.raises(SystemExit, match="only tcp:, ssl: and unix: endpoints"):
         makeService(options)
 
 
@@ -221,3 +218,18 @@ def test_a_port_in_use_fails_the_start() -> None:
         assert spawn.calls == []
     finally:
         busy.close()
+
+
+def test_a_unix_socket_is_opened_once_and_its_file_removed_at_stop(tmp_path: Any) -> None:
+    """A ``unix:`` endpoint's socket is bound by the parent with the endpoint's mode,
+    handed to the workers, and its file removed when the parent stops."""
+    path = tmp_path / "aiproxy.sock"
+    supervisor, _, spawn, _ = _supervisor(_config(listen=(f"unix:{path}:mode=660",)))
+    supervisor.startService()
+    try:
+        assert path.is_socket() and (path.stat().st_mode & 0o777) == 0o660
+        assert spawn.calls[0]["childFDs"][3] == supervisor.sockets[0].fileno()
+        assert f"--port=unix:{path}:mode=660" in spawn.calls[0]["args"]
+    finally:
+        supervisor.stopService()
+    assert not path.exists()
