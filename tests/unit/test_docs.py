@@ -293,6 +293,16 @@ def test_paths_near_the_docs_go_to_the_upstream(path: bytes) -> None:
     assert proxy.agent.last.url == TARGET_URL.encode() + path
 
 
+@pytest.mark.parametrize(
+    "path", [b"/api/docs", b"/api/redoc", b"/api/openapi.json", b"/api/docs/swagger-ui.css"]
+)
+def test_docs_can_be_switched_off(path: bytes) -> None:
+    """With ``ENABLE_DOCS=false`` the docs paths are the upstream's, like any other."""
+    proxy = start_proxy(enable_docs=False)
+    proxy.client.request(b"GET", path)
+    assert proxy.agent.last.url == TARGET_URL.encode() + path
+
+
 # --- The OpenAPI document -----------------------------------------------------------
 
 
