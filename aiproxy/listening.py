@@ -1,8 +1,8 @@
 """
-Listening on an inherited TCP socket that other processes accept on too.
+Listening on an inherited socket that other processes accept on too.
 
 A worker process (``--workers``) or a process started by systemd socket activation gets
-its listening socket as a file descriptor, shared with its siblings. Twisted's own
+its listening socket (TCP or UNIX) as a file descriptor, shared with its siblings. Twisted's own
 listening port accepts up to a hundred waiting connections each time the socket is
 readable, so when clients connect in a burst one process takes them all and its
 siblings idle: in the ``small`` benchmark (64 connections opened at once) two workers
@@ -11,8 +11,9 @@ lets each process take connections only as fast as it gets back to its event loo
 busy process leaves the next ones to an idle sibling: 2,035 requests/s on both cores
 (see BENCHMARKS.md).
 
-One private corner of Twisted is used: ``tcp.Port._fromListeningDescriptor``, which is
-how ``reactor.adoptStreamPort`` builds its port.
+Private corners of Twisted are used: ``tcp.Port._fromListeningDescriptor`` and
+``unix.Port._fromListeningDescriptor``, which are how ``reactor.adoptStreamPort`` builds
+its ports, and an ``ssl:`` endpoint's ``_sslContextFactory``.
 """
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ class SharedSocketEndpoint:
 def shared_if_inherited(endpoint: IStreamServerEndpoint) -> IStreamServerEndpoint:
     """
     ``endpoint``, or a :class:`SharedSocketEndpoint` in its place if it listens on an
-    inherited TCP socket (``systemd:domain=INET...``, as workers and socket activation
-    use).
+    inherited TCP socket (``systemd:domain=INET...``, as under socket activation, where
+    several services may share one socket).
     """
     if isinstance(endpoint, AdoptedStreamServerEndpoint) and endpoint.addressFamily in (
         socket.AF_INET,

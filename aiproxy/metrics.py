@@ -271,7 +271,7 @@ def merge_snapshots(own: Snapshot, others: Iterable[tuple[Snapshot, bool]]) -> S
     (a process that has ended still counts, so totals never go down); the gauges only
     from processes that are still running (``others`` says which, with each snapshot).
     """
-    merged = json.loads(json.dumps(own))
+    merged = dict(own)  # _add builds new values and changes none of its arguments
     for snapshot, alive in others:
         for key, value in snapshot.items():
             if key in _GAUGES and not alive:

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from aiproxy.config import Config, ConfigError, format_value, settings
 from aiproxy.drain import ABORT_GRACE
 
-__all__ = ["LAUNCHER", "ListenSocket", "WorkerSupervisor", "child_environment", "tcp_sockets"]
+__all__ = ["LAUNCHER", "ListenSocket", "WorkerSupervisor", "child_environment", "listen_sockets"]
 
 log = Logger(namespace="aiproxy")
 
@@ -92,8 +92,8 @@ KILL_GRACE = 5.0
 class ListenSocket:
     """
     The socket of one endpoint of the configuration, as the parent opens it: a TCP
-    socket on ``(interface, port)``, or a UNIX socket at ``interface`` (a path; ``port``
-    is then its file mode).
+    socket on ``(interface, port)``, or a UNIX socket at ``interface`` (a path) with the
+    file mode ``mode``.
     """
 
     description: str
@@ -101,6 +101,7 @@ class ListenSocket:
     interface: str
     port: int
     backlog: int
+    mode: int = 0o666
 
     def open(self) -> socket.socket:
         """A listening socket bound as the endpoint says (``SO_REUSEADDR``, like Twisted).
@@ -111,7 +112,7 @@ class ListenSocket:
         try:
             if self.family == socket.AF_UNIX:
                 sock.bind(self.interface)
-                os.chmod(self.interface, self.port)
+                os.chmod(self.interface, self.mode)
             else:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if self.family == socket.AF_INET6:
@@ -139,7 +140,7 @@ _SHARED_KINDS = (
 )
 
 
-def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket, ...]:
+def listen_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket, ...]:
     """
     The sockets that the ``tcp:``, ``tcp6:``, ``ssl:`` and ``unix:`` endpoints among
     ``descriptions`` listen on (for ``ssl:``, each worker adds the TLS).
@@ -162,7 +163,7 @@ def tcp_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSocket
         if isinstance(endpoint, endpoints.UNIXServerEndpoint):
             path = os.path.abspath(endpoint._address)
             listen = ListenSocket(
-                description, socket.AF_UNIX, path, endpoint._mode, endpoint._backlog
+                description, socket.AF_UNIX, path, 0, endpoint._backlog, endpoint._mode
             )
             result.append(listen)
             continue
@@ -255,7 +256,7 @@ class WorkerSupervisor(Service):
         exit: Callable[[int], None] = _hard_exit,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.listen = tcp_sockets(config.endpoints, reactor)
+        self.listen = listen_sockets(config.endpoints, reactor)
         self.config = config
         self.reactor = reactor
         self.spawn: Spawn = reactor.spawnProcess if spawn is None else spawn
