@@ -19,12 +19,12 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
-from aiproxy.activity import Activity
 from aiproxy.config import Config
+from aiproxy.core.activity import Activity
 from aiproxy.errors import ClientTooSlow, HeadTooLarge, InvalidRequest, ProxyError, error_body
-from aiproxy.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, framing_error
-from aiproxy.headers import choose_request_id
 from aiproxy.request import PROXY_BY
+from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, framing_error
+from aiproxy.rules.headers import choose_request_id
 
 __all__ = ["ClientLimits", "ProxyChannel"]
 

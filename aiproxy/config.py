@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 import attrs
 from twisted.logger import LogLevel
 
-from aiproxy.target import Target, TargetError, parse_target
+from aiproxy.rules.target import Target, TargetError, parse_target
 
 __all__ = [
     "Config",

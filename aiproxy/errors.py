@@ -17,8 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web import _newclient
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from aiproxy.redact import redact_text
-from aiproxy.retry import ReusedConnectionFailed
+from aiproxy.rules.redact import redact_text
+from aiproxy.rules.retry import ReusedConnectionFailed
 
 __all__ = [
     "BadRequestTarget",
@@ -214,7 +214,7 @@ def failure_kind(failure: Failure) -> str:
 def describe_exception(exception: BaseException | None) -> str:
     """
     A one-line description of an exception, unwrapping twisted's lists of reasons, with
-    any secret in it redacted (:func:`aiproxy.redact.redact_text`): it is logged, and
+    any secret in it redacted (:func:`aiproxy.rules.redact.redact_text`): it is logged, and
     sent to the client.
     """
     reasons = getattr(exception, "reasons", None)

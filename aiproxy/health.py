@@ -8,8 +8,8 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from aiproxy.activity import Activity
 from aiproxy.config import Config
+from aiproxy.core.activity import Activity
 from aiproxy.errors import MethodNotAllowed
 from aiproxy.request import send_error
 

@@ -16,7 +16,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from aiproxy.admission import Admission
+from aiproxy.core.admission import Admission
+from aiproxy.core.record import RequestRecord
+from aiproxy.core.timeouts import with_deadline
 from aiproxy.errors import (
     BadRequestTarget,
     InternalError,
@@ -26,20 +28,18 @@ from aiproxy.errors import (
     failure_kind,
     upstream_error,
 )
-from aiproxy.headers import (
+from aiproxy.request import client_ip, send_error
+from aiproxy.rules.headers import (
     choose_request_id,
     client_response_headers,
     is_event_stream,
     upstream_request_headers,
 )
-from aiproxy.record import RequestRecord
-from aiproxy.redact import redact_url
-from aiproxy.request import client_ip, send_error
-from aiproxy.retry import RetryPolicy, retry_after, retry_reason, with_retries
+from aiproxy.rules.redact import redact_url
+from aiproxy.rules.retry import RetryPolicy, retry_after, retry_reason, with_retries
+from aiproxy.rules.target import Target, is_origin_form, local_target
+from aiproxy.rules.usage import usage_meter
 from aiproxy.streaming import CLIENT_GONE, BodyCutShort, ReplayableBody, ResponseForwarder
-from aiproxy.target import Target, is_origin_form, local_target
-from aiproxy.timeouts import with_deadline
-from aiproxy.usage import usage_meter
 
 __all__ = ["NO_RETRIES", "ReverseProxyResource"]
 
@@ -60,10 +60,10 @@ class ReverseProxyResource(Resource):
 
     @ivar cancelled: how many upstream requests were cancelled because their client
         went away.
-    @ivar retries: how many upstream requests were sent again (see :mod:`aiproxy.retry`).
+    @ivar retries: how many upstream requests were sent again (see :mod:`aiproxy.rules.retry`).
     @ivar active_streams: how many event streams are being relayed now.
     @ivar admission: turns WebSocket upgrades and requests over
-        ``max_concurrent_requests`` away (see :mod:`aiproxy.admission`).
+        ``max_concurrent_requests`` away (see :mod:`aiproxy.core.admission`).
     """
 
     isLeaf = True
@@ -174,7 +174,7 @@ class _Exchange:
         return self.resource.agent.request(self.request.method, self.url, self.headers, producer)
 
     def wait_before_next(self, attempt: int, outcome: IResponse | Failure) -> float | None:
-        """Whether to try again after ``outcome``, and after how long (:mod:`aiproxy.retry`)."""
+        """Whether to try again after ``outcome``, and when (:mod:`aiproxy.rules.retry`)."""
         policy = self.resource.retry_policy
         if self.client_gone or attempt >= policy.max_retries:
             return None

@@ -15,15 +15,15 @@ from twisted.web.http import datetimeToString
 from twisted.web.server import Request
 
 from aiproxy._version import __version__
-from aiproxy.activity import Activity
-from aiproxy.cors import CorsPolicy, add_response_headers, response_headers
+from aiproxy.core.activity import Activity
+from aiproxy.core.record import RequestRecord
 from aiproxy.errors import BodyTooLarge, InternalError, ProxyError, error_body
-from aiproxy.headers import choose_request_id, original_client
-from aiproxy.record import RequestRecord
+from aiproxy.rules.cors import CorsPolicy, add_response_headers, response_headers
+from aiproxy.rules.headers import choose_request_id, original_client
 from aiproxy.streaming import abort_response
 
 if TYPE_CHECKING:
-    from aiproxy.metrics import ProxyMetrics
+    from aiproxy.ops.metrics import ProxyMetrics
 
 __all__ = ["ProxyRequest", "client_ip", "send_error"]
 

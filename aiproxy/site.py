@@ -12,19 +12,19 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from aiproxy.activity import Activity
 from aiproxy.channel import ClientLimits, ProxyChannel
 from aiproxy.config import Config, IPNetwork
-from aiproxy.cors import CorsPolicy, add_response_headers, allowed_origin, is_preflight
-from aiproxy.cors import preflight_headers as cors_preflight_headers
-from aiproxy.docs import docs_endpoints
+from aiproxy.core.activity import Activity
 from aiproxy.errors import OriginNotAllowed
 from aiproxy.health import HealthResource, PingResource
-from aiproxy.metrics import MetricsResource, ProxyMetrics, SharedMetrics
+from aiproxy.ops.docs import docs_endpoints
+from aiproxy.ops.metrics import MetricsResource, ProxyMetrics, SharedMetrics
 from aiproxy.proxy import ReverseProxyResource
 from aiproxy.request import ProxyRequest, send_error
-from aiproxy.retry import RetryPolicy
-from aiproxy.target import local_target
+from aiproxy.rules.cors import CorsPolicy, add_response_headers, allowed_origin, is_preflight
+from aiproxy.rules.cors import preflight_headers as cors_preflight_headers
+from aiproxy.rules.retry import RetryPolicy
+from aiproxy.rules.target import local_target
 
 __all__ = ["ProxyRoot", "ProxySite", "build_resource", "build_site"]
 
@@ -44,7 +44,7 @@ class ProxyRoot(Resource):
 
     When the request carries a CORS policy (``request.cors``, set by
     :class:`ProxyRequest` from the site), CORS preflights are answered here for every
-    path and never forwarded (see :mod:`aiproxy.cors`).
+    path and never forwarded (see :mod:`aiproxy.rules.cors`).
     """
 
     isLeaf = True

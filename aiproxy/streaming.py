@@ -27,7 +27,7 @@ from twisted.web.iweb import IBodyProducer
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from aiproxy.usage import UsageMeter
+from aiproxy.rules.usage import UsageMeter
 
 __all__ = [
     "CLIENT_GONE",
@@ -163,7 +163,7 @@ class ResponseForwarder(Protocol):
     The upstream connection is registered as the client request's streaming producer,
     so the client's flow control reaches the upstream. If no upstream bytes arrive for
     ``idle_timeout`` seconds, the response is cut off. Each chunk, once written, is
-    also shown to ``meter`` (see :mod:`aiproxy.usage`), which only reads it.
+    also shown to ``meter`` (see :mod:`aiproxy.rules.usage`), which only reads it.
     ``finished`` fires with L{None} when the whole body was delivered (or the client
     left), or fails with the reason the body ended early; the client's response is then
     aborted, never finished.

@@ -47,7 +47,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from aiproxy.target import local_target
+from aiproxy.rules.target import local_target
 
 __all__ = ["FakeOpenAI", "UpstreamStats", "chat_completion", "sse_event"]
 

@@ -20,7 +20,7 @@ from aiproxy.config import Config
 from aiproxy.proxy import ReverseProxyResource
 from aiproxy.site import ProxyRoot, build_resource, build_site
 from aiproxy.testing import FakeOpenAI, UpstreamStats
-from aiproxy.upstream import make_agent, make_pool
+from aiproxy.upstream_agent import make_agent, make_pool
 
 from .support import LOOPBACK, wait_until, within
 
@@ -96,7 +96,7 @@ async def prefixed_upstream() -> AsyncIterator[Upstream]:
 async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
     """
     ``start_proxy(target_url, **settings)``: an aiproxy in front of ``target_url``, built
-    the way ``aiproxy.tap.build_service`` builds it, on a free loopback port.
+    the way ``aiproxy.run.tap.build_service`` builds it, on a free loopback port.
     """
     started: list[Proxy] = []
 

@@ -24,7 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from aiproxy.config import Config
-from aiproxy.tap import build_service
+from aiproxy.run.tap import build_service
 
 from .conftest import Upstream
 from .h2client import connect_h2

@@ -15,7 +15,7 @@ from twisted.internet import reactor, ssl
 
 from aiproxy.config import Config
 from aiproxy.site import build_resource, build_site
-from aiproxy.upstream import make_agent, make_pool
+from aiproxy.upstream_agent import make_agent, make_pool
 
 from .conftest import Upstream
 from .h2client import H2Stream, connect_h2

@@ -27,11 +27,11 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.client import HTTPConnectionPool
 
-from aiproxy.activity import Activity
 from aiproxy.config import Config
+from aiproxy.core.activity import Activity
 from aiproxy.proxy import ReverseProxyResource
 from aiproxy.site import build_resource, build_site
-from aiproxy.upstream import make_agent, make_pool
+from aiproxy.upstream_agent import make_agent, make_pool
 
 from .conftest import Upstream
 from .h2client import connect_h2

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 
 from aiproxy.config import Config
-from aiproxy.tap import build_service
+from aiproxy.run.tap import build_service
 
 from .conftest import Proxy, Upstream
 from .support import free_port, header, request, wait_until, within

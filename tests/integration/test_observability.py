@@ -14,7 +14,7 @@ import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.logger import LogEvent, globalLogPublisher
 
-from aiproxy.logs import json_log_observer, text_log_observer
+from aiproxy.ops.logs import json_log_observer, text_log_observer
 
 from .conftest import Proxy, Upstream
 from .support import close_client, connect_raw, free_port, request, wait_until

@@ -17,11 +17,11 @@ from twisted.web.server import Site
 
 from aiproxy.config import Config
 from aiproxy.proxy import ReverseProxyResource
-from aiproxy.retry import RetryPolicy
+from aiproxy.rules.retry import RetryPolicy
+from aiproxy.rules.target import parse_target
 from aiproxy.site import ProxyRoot, build_site
-from aiproxy.target import parse_target
 from aiproxy.testing import FakeOpenAI
-from aiproxy.upstream import make_agent, make_pool
+from aiproxy.upstream_agent import make_agent, make_pool
 
 from .conftest import Proxy, Upstream
 from .support import (

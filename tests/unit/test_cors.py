@@ -1,4 +1,4 @@
-"""CORS: the pure rules of :mod:`aiproxy.cors`, and the proxy answering with them."""
+"""CORS: the pure rules of :mod:`aiproxy.rules.cors`, and the proxy answering with them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from twisted.web.http_headers import Headers
 
 from aiproxy.config import Config
-from aiproxy.cors import (
+from aiproxy.rules.cors import (
     EXPOSED_HEADERS,
     MAX_AGE,
     CorsPolicy,

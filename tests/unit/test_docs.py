@@ -19,7 +19,6 @@ from openapi_spec_validator import validate
 
 from aiproxy import __version__
 from aiproxy.config import Config
-from aiproxy.docs import REDOC_INTEGRITY, REDOC_VERSION, etag_matches
 from aiproxy.errors import (
     BadRequestTarget,
     BodyTooLarge,
@@ -36,7 +35,8 @@ from aiproxy.errors import (
     WebSocketNotSupported,
     error_body,
 )
-from aiproxy.openapi import openapi_document
+from aiproxy.ops.docs import REDOC_INTEGRITY, REDOC_VERSION, etag_matches
+from aiproxy.ops.openapi import openapi_document
 
 from .fakes import ParsedResponse
 from .test_proxy import TARGET_URL, assert_stamped, error_of, start_proxy

@@ -18,12 +18,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisc
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 from twisted.web.server import Site
 
-from aiproxy.activity import Activity
 from aiproxy.config import Config
-from aiproxy.drain import POLL_INTERVAL, DrainService
-from aiproxy.service import PoolService, SequentialMultiService
+from aiproxy.core.activity import Activity
+from aiproxy.run.drain import POLL_INTERVAL, DrainService
+from aiproxy.run.service import PoolService, SequentialMultiService
+from aiproxy.run.tap import build_service
 from aiproxy.site import build_resource, build_site
-from aiproxy.tap import build_service
 
 from .fakes import CLIENT_ADDRESS, FakeAgent, ParsedResponse, parse_response
 

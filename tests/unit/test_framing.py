@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from aiproxy.admission import is_websocket_upgrade
-from aiproxy.framing import framing_error
+from aiproxy.core.admission import is_websocket_upgrade
+from aiproxy.rules.framing import framing_error
 
 HOST = [(b"Host", b"proxy.example")]
 

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 from twisted.web.http_headers import Headers
 
-from aiproxy.headers import (
+from aiproxy.rules.headers import (
     HOP_BY_HOP,
     choose_request_id,
     client_response_headers,

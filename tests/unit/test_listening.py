@@ -13,7 +13,7 @@ from twisted.internet.error import AlreadyListened
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 
-from aiproxy.listening import OneAcceptPort, SharedSocketEndpoint, shared_if_inherited
+from aiproxy.run.listening import OneAcceptPort, SharedSocketEndpoint, shared_if_inherited
 
 
 class CountingFactory(Factory):

@@ -14,15 +14,15 @@ from twisted.application.twist._options import TwistOptions
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
-from aiproxy.logs import (
+from aiproxy.ops.logs import (
     format_message,
     json_log_observer,
     text_log_observer,
     use_aiproxy_logging,
     use_colour,
 )
-from aiproxy.tap import makeService
-from aiproxy.workers import WorkerSupervisor
+from aiproxy.run.tap import makeService
+from aiproxy.run.workers import WorkerSupervisor
 
 KEY = "sk-live-PLANTED0123456789"
 GREEN_INFO = "\x1b[32mINFO\x1b[0m"

@@ -16,10 +16,10 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from aiproxy.config import Config
-from aiproxy.metrics import MAX_MODELS, ProxyMetrics, SharedMetrics, merge_snapshots
-from aiproxy.record import RequestRecord
+from aiproxy.core.record import RequestRecord
+from aiproxy.ops.metrics import MAX_MODELS, ProxyMetrics, SharedMetrics, merge_snapshots
+from aiproxy.rules.usage import Usage
 from aiproxy.site import build_resource, build_site
-from aiproxy.usage import Usage
 
 from .fakes import ClientConnection, FakeAgent
 from .test_proxy import TARGET_URL, Proxy, start_proxy

@@ -19,9 +19,9 @@ from twisted.web.resource import Resource
 from aiproxy import __version__
 from aiproxy.config import Config
 from aiproxy.proxy import ReverseProxyResource
+from aiproxy.rules.target import parse_target
 from aiproxy.site import ProxyRoot, build_resource, build_site
-from aiproxy.target import parse_target
-from aiproxy.upstream import make_agent, make_pool
+from aiproxy.upstream_agent import make_agent, make_pool
 
 from .fakes import (
     ClientConnection,

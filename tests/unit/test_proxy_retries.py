@@ -13,9 +13,9 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
 from aiproxy.proxy import ReverseProxyResource
-from aiproxy.retry import RetryPolicy, ReusedConnectionFailed
+from aiproxy.rules.retry import RetryPolicy, ReusedConnectionFailed
+from aiproxy.rules.target import parse_target
 from aiproxy.site import ProxyRoot, build_site
-from aiproxy.target import parse_target
 
 from .fakes import ClientConnection, FakeAgent, produce
 from .test_proxy import TARGET_URL, error_of

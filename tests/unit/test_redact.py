@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from aiproxy.redact import is_secret_name, redact_headers, redact_text, redact_url
+from aiproxy.rules.redact import is_secret_name, redact_headers, redact_text, redact_url
 
 KEY = "sk-live-PLANTED0123456789"
 

@@ -15,7 +15,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
 
 from aiproxy.errors import UpstreamTimeout
-from aiproxy.retry import (
+from aiproxy.rules.retry import (
     RetryPolicy,
     ReusedConnectionFailed,
     retry_after,

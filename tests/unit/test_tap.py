@@ -9,9 +9,9 @@ from twisted.internet.defer import succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from aiproxy.config import Config, ConfigError, settings
-from aiproxy.service import PoolService
+from aiproxy.run.service import PoolService
+from aiproxy.run.tap import Options, build_service
 from aiproxy.site import ProxySite
-from aiproxy.tap import Options, build_service
 
 
 def parse(

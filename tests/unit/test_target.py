@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aiproxy.target import Target, TargetError, is_origin_form, local_target, parse_target
+from aiproxy.rules.target import Target, TargetError, is_origin_form, local_target, parse_target
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
+from aiproxy.core.timeouts import with_deadline
 from aiproxy.errors import UpstreamTimeout
-from aiproxy.timeouts import with_deadline
 
 
 class Deadline(Exception):

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from twisted.web.http_headers import Headers
 
-from aiproxy import usage as usage_module
-from aiproxy.usage import MAX_MODEL_LENGTH, MAX_TOKENS, Usage, UsageMeter, usage_meter
+from aiproxy.rules import usage as usage_module
+from aiproxy.rules.usage import MAX_MODEL_LENGTH, MAX_TOKENS, Usage, UsageMeter, usage_meter
 
 JSON = b"application/json"
 SSE = b"text/event-stream"

@@ -12,8 +12,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from aiproxy.config import Config, ConfigError, load_config
-from aiproxy.tap import Options, makeService
-from aiproxy.workers import (
+from aiproxy.run.tap import Options, makeService
+from aiproxy.run.workers import (
     BACKOFF_FIRST,
     EARLY_DEATHS,
     EARLY_WINDOW,

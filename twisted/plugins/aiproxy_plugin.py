@@ -1,7 +1,7 @@
-"""The ``twist aiproxy`` plugin: loads :mod:`aiproxy.tap` only when used."""
+"""The ``twist aiproxy`` plugin: loads :mod:`aiproxy.run.tap` only when used."""
 
 from twisted.application.service import ServiceMaker
 
 aiproxy = ServiceMaker(
-    "aiproxy", "aiproxy.tap", "Streaming reverse proxy for OpenAI-compatible APIs", "aiproxy"
+    "aiproxy", "aiproxy.run.tap", "Streaming reverse proxy for OpenAI-compatible APIs", "aiproxy"
 )

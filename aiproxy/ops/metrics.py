@@ -30,8 +30,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from aiproxy.core.record import RequestRecord
 from aiproxy.health import GetOnlyResource
-from aiproxy.record import RequestRecord
 
 __all__ = [
     "LATENCY_BUCKETS",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 if TYPE_CHECKING:
-    from aiproxy.usage import Usage, UsageMeter
+    from aiproxy.rules.usage import Usage, UsageMeter
 
 __all__ = ["RequestRecord"]
 
@@ -21,7 +21,7 @@ class RequestRecord:
     One request's record, filled in by :class:`aiproxy.request.ProxyRequest` (the
     client side) and by the proxy resource (the upstream side).
 
-    @ivar client: the client's address (see :func:`aiproxy.headers.original_client`),
+    @ivar client: the client's address (see :func:`aiproxy.rules.headers.original_client`),
         ``unix`` for a UNIX socket peer.
     @ivar upstream_status: the status of the upstream's response; L{None} if none came.
     @ivar upstream_headers_after: seconds from the request's arrival to the upstream's

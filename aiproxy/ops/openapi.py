@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from aiproxy._version import __version__
-from aiproxy.activity import Activity
 from aiproxy.config import Config
+from aiproxy.core.activity import Activity
 from aiproxy.errors import (
     BadRequestTarget,
     BodyTooLarge,

@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 
-from aiproxy.activity import Activity, IncomingConnection, close_after_response, connection_of
+from aiproxy.core.activity import Activity, IncomingConnection, close_after_response, connection_of
 from aiproxy.streaming import abort_response
 
 __all__ = ["DrainService", "abort_connection", "close_if_idle"]

@@ -21,16 +21,16 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
-from aiproxy.activity import Activity
 from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
-from aiproxy.drain import DrainService
-from aiproxy.listening import inherited, shared_if_inherited
-from aiproxy.logs import use_aiproxy_logging
-from aiproxy.metrics import MetricsPublisher, SharedMetrics
-from aiproxy.service import PoolService, SequentialMultiService
+from aiproxy.core.activity import Activity
+from aiproxy.ops.logs import use_aiproxy_logging
+from aiproxy.ops.metrics import MetricsPublisher, SharedMetrics
+from aiproxy.run.drain import DrainService
+from aiproxy.run.listening import inherited, shared_if_inherited
+from aiproxy.run.service import PoolService, SequentialMultiService
+from aiproxy.run.workers import FIRST_FD, INHERITED_PORTS, METRICS_DIR, WorkerSupervisor
 from aiproxy.site import build_resource, build_site
-from aiproxy.upstream import make_agent, make_pool
-from aiproxy.workers import FIRST_FD, INHERITED_PORTS, METRICS_DIR, WorkerSupervisor
+from aiproxy.upstream_agent import make_agent, make_pool
 
 __all__ = ["Options", "build_service", "makeService"]
 
@@ -89,7 +89,7 @@ def build_service(
         ``IReactorSSL``/``IReactorUNIX`` for those endpoints).
 
     @param inherited_ports: the endpoints' sockets are open already, as file
-        descriptors 3, 4, ... in order (a worker process, see :mod:`aiproxy.workers`).
+        descriptors 3, 4, ... in order (a worker process, see :mod:`aiproxy.run.workers`).
     @param shared_metrics: where this worker publishes its metrics for its siblings,
         and finds theirs.
     @raise ConfigError: an endpoint string cannot be parsed.

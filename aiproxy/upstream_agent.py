@@ -45,9 +45,9 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
 from aiproxy.config import Config
-from aiproxy.headers import connection_tokens
-from aiproxy.retry import ReusedConnectionFailed, was_cancelled
-from aiproxy.target import Target
+from aiproxy.rules.headers import connection_tokens
+from aiproxy.rules.retry import ReusedConnectionFailed, was_cancelled
+from aiproxy.rules.target import Target
 
 __all__ = ["InsecureTLSPolicy", "UpstreamEndpoints", "make_agent", "make_pool"]
 
@@ -64,7 +64,7 @@ def make_pool(reactor: IReactorCore) -> HTTPConnectionPool:
     pool = _UpstreamPool(reactor, persistent=True)
     pool.maxPersistentPerHost = IDLE_CONNECTIONS_PER_HOST
     pool.cachedConnectionTimeout = IDLE_CONNECTION_TIMEOUT
-    # aiproxy decides about retries itself (aiproxy.retry), for every method alike.
+    # aiproxy decides about retries itself (aiproxy.rules.retry), for every method alike.
     pool.retryAutomatically = False
     return pool
 

@@ -31,7 +31,7 @@ from twisted.logger import (
 from twisted.python import usage
 from zope.interface import implementer
 
-from aiproxy.redact import redact_text
+from aiproxy.rules.redact import redact_text
 
 __all__ = [
     "format_message",

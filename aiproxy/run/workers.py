@@ -7,7 +7,7 @@ workers, each a ``twist aiproxy --workers 1 --port ...`` with the parent's own e
 strings, that inherits the sockets as file descriptors 3, 4, ... and, told so by
 :data:`INHERITED_PORTS`, listens on them instead of binding (adding TLS for ``ssl:``,
 with HTTP/2 by ALPN). A tiny launcher asks Linux to end a worker whose parent has died.
-Each worker accepts one connection per wake-up (:mod:`aiproxy.listening`), so new
+Each worker accepts one connection per wake-up (:mod:`aiproxy.run.listening`), so new
 connections go to the workers that are free.
 
 The workers get every setting through their environment (the parent's validated
@@ -42,7 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aiproxy.config import Config, ConfigError, format_value, settings
-from aiproxy.drain import ABORT_GRACE
+from aiproxy.run.drain import ABORT_GRACE
 
 __all__ = ["LAUNCHER", "ListenSocket", "WorkerSupervisor", "child_environment", "listen_sockets"]
 
@@ -62,11 +62,11 @@ dies, and becomes ``twist ARGS...``."""
 
 METRICS_DIR = "AIPROXY_METRICS_DIR"
 """In a worker's environment: the directory where the workers publish their metrics
-for one another (see :class:`aiproxy.metrics.SharedMetrics`)."""
+for one another (see :class:`aiproxy.ops.metrics.SharedMetrics`)."""
 
 INHERITED_PORTS = "AIPROXY_INHERITED_PORTS"
 """Set to ``1`` in a worker's environment: its ``--port`` endpoints are open already, as
-file descriptors 3, 4, ... in their order (see :func:`aiproxy.listening.inherited`)."""
+file descriptors 3, 4, ... in their order (see :func:`aiproxy.run.listening.inherited`)."""
 
 FIRST_FD = 3
 """The first inherited socket's descriptor in a worker (as systemd passes them too)."""

@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from aiproxy.config import Config
 from aiproxy.health import GetOnlyResource
-from aiproxy.openapi import openapi_document
+from aiproxy.ops.openapi import openapi_document
 
 __all__ = [
     "REDOC_INTEGRITY",

@@ -1,0 +1,1 @@
+"""Running the proxy: the command line, the services, worker processes, draining."""

@@ -1,0 +1,1 @@
+"""aiproxy's pooled HTTP/1.1 client for the one upstream (llhttp, through httptools)."""
