@@ -1,35 +1,51 @@
 """
 aiproxy: a streaming reverse proxy for OpenAI-compatible AI APIs, on Twisted.
 
-Run it with ``twist aiproxy``, or embed it: build a :class:`Config`, a pool and an
-agent (:mod:`aiproxy.upstream_agent`), and mount :func:`build_resource`'s tree (or a bare
-:class:`ReverseProxyResource`) in a ``Site``.
+The layers, in the direction of traffic:
+
+- :mod:`aiproxy.server`: the front doors. :mod:`~aiproxy.server.http1` is aiproxy's
+  own HTTP/1.1 server on llhttp (``httptools``), for every listener;
+  :mod:`~aiproxy.server.negotiate` adds HTTP/2 by ALPN on ``ssl:`` listeners;
+  :mod:`~aiproxy.server.web` is a twisted.web ``Resource`` for programs that embed
+  aiproxy in their own ``Site``. Each parses a request and hands it to the core.
+- :mod:`aiproxy.core`: the exchange, whatever the door. :class:`ProxyCore` gives each
+  request its ID and record, answers aiproxy's own endpoints and refusals, and runs
+  the upstream exchange (retries, timeouts, streaming with flow control, cancelling
+  when the client leaves), logging and counting every request the same way.
+- :mod:`aiproxy.upstream`: aiproxy's pooled HTTP/1.1 client for the one upstream, on
+  llhttp too.
+- :mod:`aiproxy.rules`: pure decisions on bytes (headers, target, framing, CORS,
+  retry policy, redaction, token usage), with no I/O.
+- :mod:`aiproxy.ops`: log lines, Prometheus metrics, API docs.
+- :mod:`aiproxy.run`: ``twist aiproxy`` (:mod:`~aiproxy.run.tap`, the composition
+  root), worker processes, listening sockets, the graceful drain.
+
+Embedding: build a :class:`Config` and an :class:`UpstreamPool`, and mount
+:func:`build_resource` in your ``Site`` (see the README).
 """
 
 from aiproxy._version import __version__
 from aiproxy.config import Config, ConfigError, load_config
-from aiproxy.proxy import ReverseProxyResource
-from aiproxy.request import ProxyRequest
+from aiproxy.core.handler import ProxyCore
 from aiproxy.rules.target import Target, parse_target
 from aiproxy.run.service import PoolService
 from aiproxy.run.tap import build_service
-from aiproxy.site import ProxyRoot, build_resource, build_site
-from aiproxy.upstream_agent import make_agent, make_pool
+from aiproxy.server.web import ProxyRequest, ReverseProxyResource, build_resource, build_site
+from aiproxy.upstream.pool import UpstreamPool
 
 __all__ = [
     "Config",
     "ConfigError",
     "PoolService",
+    "ProxyCore",
     "ProxyRequest",
-    "ProxyRoot",
     "ReverseProxyResource",
     "Target",
+    "UpstreamPool",
     "__version__",
     "build_resource",
     "build_service",
     "build_site",
     "load_config",
-    "make_agent",
-    "make_pool",
     "parse_target",
 ]

@@ -1,6 +1,6 @@
 """
-The errors aiproxy answers for itself, and the one mapping from a failure to a status
-and JSON body.
+The errors aiproxy answers for itself, and their JSON body. (Which upstream failure
+becomes which of them is decided in one place: :mod:`aiproxy.core.failures`.)
 
 Every error response has the body ``{"error": {"type", "message", "request_id"}}``.
 """
@@ -9,16 +9,6 @@ from __future__ import annotations
 
 import json
 from typing import ClassVar
-
-from OpenSSL.SSL import Error as TLSError
-from twisted.internet import error as neterror
-from twisted.internet.defer import CancelledError
-from twisted.python.failure import Failure
-from twisted.web import _newclient
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
-
-from aiproxy.rules.redact import redact_text
-from aiproxy.rules.retry import ReusedConnectionFailed
 
 __all__ = [
     "BadRequestTarget",
@@ -34,10 +24,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "WebSocketNotSupported",
-    "describe_exception",
     "error_body",
-    "failure_kind",
-    "upstream_error",
 ]
 
 
@@ -148,79 +135,3 @@ def error_body(error: ProxyError, request_id: bytes) -> bytes:
             }
         }
     ).encode()
-
-
-_CONNECT_FAILURES = (
-    neterror.ConnectError,
-    neterror.DNSLookupError,
-    neterror.TimeoutError,
-    TLSError,
-)
-_EXCHANGE_FAILURES = (
-    ReusedConnectionFailed,
-    ResponseNeverReceived,
-    ResponseFailed,
-    _newclient.RequestTransmissionFailed,
-    _newclient.RequestNotSent,
-    neterror.ConnectionLost,
-    neterror.ConnectionDone,
-    CancelledError,
-)
-
-
-def upstream_error(failure: Failure) -> ProxyError:
-    """
-    What the client is told when the upstream request failed before response headers.
-
-    A :class:`ProxyError` (such as our own timeout) passes through; network and TLS
-    failures become ``502``; anything else is a bug, ``500``.
-    """
-    if isinstance(failure.value, ProxyError):
-        return failure.value
-    if failure.check(*_CONNECT_FAILURES):
-        reason = describe_exception(failure.value)
-        return UpstreamUnreachable(f"cannot connect to the upstream: {reason}")
-    if failure.check(*_EXCHANGE_FAILURES):
-        return UpstreamUnreachable(
-            f"the upstream failed before responding: {describe_exception(failure.value)}"
-        )
-    return InternalError("aiproxy failed to handle this request")
-
-
-def failure_kind(failure: Failure) -> str:
-    """
-    A short name for what went wrong with an upstream request before its response
-    headers, from a small fixed set (a metrics label): ``timeout``, ``dns``, ``tls``,
-    ``connect``, ``connection_lost`` or ``internal``.
-    """
-    if failure.check(UpstreamTimeout):
-        return "timeout"
-    reasons = getattr(failure.value, "reasons", None)  # twisted's wrapped failures
-    if reasons and isinstance(reasons[0], Failure):
-        inner = failure_kind(reasons[0])
-        if inner != "internal":
-            return inner
-    if failure.check(neterror.DNSLookupError):
-        return "dns"
-    if failure.check(TLSError):
-        return "tls"
-    if failure.check(*_CONNECT_FAILURES):
-        return "connect"
-    if failure.check(*_EXCHANGE_FAILURES):
-        return "connection_lost"
-    return "internal"
-
-
-def describe_exception(exception: BaseException | None) -> str:
-    """
-    A one-line description of an exception, unwrapping twisted's lists of reasons, with
-    any secret in it redacted (:func:`aiproxy.rules.redact.redact_text`): it is logged, and
-    sent to the client.
-    """
-    reasons = getattr(exception, "reasons", None)
-    if reasons:
-        return "; ".join(describe_exception(reason.value) for reason in reasons)
-    text = str(exception).strip()
-    if not text:
-        return type(exception).__name__
-    return f"{type(exception).__name__}: {redact_text(text)}"

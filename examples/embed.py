@@ -19,18 +19,17 @@ from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.static import Data
 
-from aiproxy import Config, PoolService, build_resource, build_site, make_agent, make_pool
+from aiproxy import Config, PoolService, UpstreamPool, build_resource, build_site
 
 
 def main(target_url: str, port: int = 8081) -> None:
     """Serve ``/`` and ``/openai/...`` on ``port`` until interrupted."""
     config = Config(target_url=target_url, request_timeout=120)
-    pool = make_pool(reactor)
-    agent = make_agent(reactor, config, pool)
+    pool = UpstreamPool.from_config(reactor, config)
 
     root = Resource()
     root.putChild(b"", Data(b"my own application\n", "text/plain"))
-    root.putChild(b"openai", build_resource(config, agent, reactor))
+    root.putChild(b"openai", build_resource(config, pool, reactor))
 
     services = MultiService()
     PoolService(pool).setServiceParent(services)

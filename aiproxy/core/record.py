@@ -32,7 +32,7 @@ class RequestRecord:
     @ivar retries: how many times the upstream request was sent again.
     @ivar cancelled: the client left before its response ended.
     @ivar upstream_error: the kind of upstream failure (see
-        :func:`aiproxy.errors.failure_kind`), if there was one.
+        :func:`aiproxy.core.failures.classify`), if there was one.
     @ivar usage_meter: what reads the model and token counts from the response body.
     @ivar usage: the model and token counts read from the response, if any.
     """

@@ -20,22 +20,19 @@ import re
 from collections.abc import Iterable
 from importlib import resources
 
-from twisted.web import http
-from twisted.web.resource import IResource
-from twisted.web.server import NOT_DONE_YET, Request
-
 from aiproxy.config import Config
-from aiproxy.health import GetOnlyResource
+from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse
 from aiproxy.ops.openapi import openapi_document
+from aiproxy.rules.headers import header_values
 
 __all__ = [
     "REDOC_INTEGRITY",
     "REDOC_SCRIPT",
     "REDOC_VERSION",
     "SWAGGER_UI_ASSETS",
-    "StaticResource",
     "docs_endpoints",
     "etag_matches",
+    "static_endpoint",
 ]
 
 HTML = b"text/html; charset=utf-8"
@@ -117,38 +114,30 @@ def etag_matches(if_none_match: Iterable[bytes], etag: bytes) -> bool:
     return False
 
 
-class StaticResource(GetOnlyResource):
+def static_endpoint(
+    body: bytes, content_type: bytes, cache_control: bytes = b"no-cache"
+) -> Endpoint:
     """
-    Fixed bytes, held in memory, for ``GET`` and ``HEAD``: with ``Content-Type``,
-    ``Content-Length``, ``Cache-Control`` and an ``ETag``, and ``304`` (no body) for a
-    request whose ``If-None-Match`` names that ``ETag``.
+    Fixed bytes, held in memory, with ``Content-Type``, ``Cache-Control`` and an
+    ``ETag``; ``304`` (no body) for a request whose ``If-None-Match`` names that ``ETag``.
     """
+    etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:32].encode("ascii")
+    whole = LocalResponse(
+        200,
+        [(b"ETag", etag), (b"Cache-Control", cache_control), (b"Content-Type", content_type)],
+        body,
+    )
+    unchanged = LocalResponse(304, [(b"ETag", etag), (b"Cache-Control", cache_control)])
 
-    def __init__(
-        self, body: bytes, content_type: bytes, cache_control: bytes = b"no-cache"
-    ) -> None:
-        super().__init__()
-        self.body = body
-        self.content_type = content_type
-        self.cache_control = cache_control
-        self.etag = b'"%s"' % hashlib.sha256(body).hexdigest()[:32].encode("ascii")
+    def static(request: Incoming) -> LocalResponse:
+        if etag_matches(header_values(request.headers, b"if-none-match"), etag):
+            return unchanged
+        return whole
 
-    def render_GET(self, request: Request) -> int:
-        """Answer with the body, or ``304``; for ``HEAD`` twisted sends the headers only."""
-        headers = request.responseHeaders
-        headers.setRawHeaders(b"ETag", [self.etag])
-        headers.setRawHeaders(b"Cache-Control", [self.cache_control])
-        if etag_matches(request.requestHeaders.getRawHeaders(b"if-none-match", []), self.etag):
-            request.setResponseCode(http.NOT_MODIFIED)
-        else:
-            headers.setRawHeaders(b"Content-Type", [self.content_type])
-            headers.setRawHeaders(b"Content-Length", [b"%d" % len(self.body)])
-            request.write(self.body)
-        request.finish()
-        return NOT_DONE_YET
+    return static
 
 
-def docs_endpoints(config: Config) -> dict[bytes, IResource]:
+def docs_endpoints(config: Config) -> dict[bytes, Endpoint]:
     """
     ``/api/docs``, ``/api/redoc``, ``/api/openapi.json`` and the Swagger UI files under
     ``/api/docs/``, by their exact paths.
@@ -157,19 +146,19 @@ def docs_endpoints(config: Config) -> dict[bytes, IResource]:
     """
     spec = json.dumps(openapi_document(config)).encode()
     return {
-        b"/api/docs": StaticResource(SWAGGER_UI_PAGE, HTML),
-        b"/api/redoc": StaticResource(REDOC_PAGE, HTML),
-        b"/api/openapi.json": StaticResource(spec, b"application/json"),
+        b"/api/docs": static_endpoint(SWAGGER_UI_PAGE, HTML),
+        b"/api/redoc": static_endpoint(REDOC_PAGE, HTML),
+        b"/api/openapi.json": static_endpoint(spec, b"application/json"),
         **_swagger_ui_files(),
     }
 
 
 @functools.cache
-def _swagger_ui_files() -> dict[bytes, IResource]:
+def _swagger_ui_files() -> dict[bytes, Endpoint]:
     """The Swagger UI files, read from the package once per process."""
     static = resources.files("swagger_ui") / "static"
     return {
-        b"/api/docs/" + name.encode("ascii"): StaticResource(
+        b"/api/docs/" + name.encode("ascii"): static_endpoint(
             _SOURCE_MAP.sub(b"", (static / name).read_bytes()), content_type, ASSET_CACHE_CONTROL
         )
         for name, content_type in SWAGGER_UI_ASSETS.items()

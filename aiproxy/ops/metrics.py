@@ -28,20 +28,20 @@ from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.server import Request
 
+from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse
 from aiproxy.core.record import RequestRecord
-from aiproxy.health import GetOnlyResource
+from aiproxy.rules.headers import header_values
 
 __all__ = [
     "LATENCY_BUCKETS",
     "MAX_MODELS",
     "LatencyHistogram",
     "MetricsPublisher",
-    "MetricsResource",
     "ProxyMetrics",
     "SharedMetrics",
     "merge_snapshots",
+    "metrics_endpoint",
 ]
 
 LATENCY_BUCKETS = (
@@ -373,19 +373,16 @@ class MetricsPublisher(Service):
         self.publish()
 
 
-class MetricsResource(GetOnlyResource):
-    """``GET /api/metrics``: the proxy's metrics in Prometheus' text format."""
+def metrics_endpoint(metrics: ProxyMetrics) -> Endpoint:
+    """``GET /api/metrics``: the proxy's metrics, in the format the scraper accepts."""
 
-    def __init__(self, metrics: ProxyMetrics) -> None:
-        super().__init__()
-        self.metrics = metrics
-
-    def render_GET(self, request: Request) -> bytes:
-        """The current metrics, in the format the scraper accepts."""
-        accept = request.getHeader(b"accept")
-        body, content_type = self.metrics.exposition(
-            None if accept is None else accept.decode("latin-1")
+    def scrape(request: Incoming) -> LocalResponse:
+        accept = header_values(request.headers, b"accept")
+        body, content_type = metrics.exposition(accept[0].decode("latin-1") if accept else None)
+        return LocalResponse(
+            200,
+            [(b"Content-Type", content_type.encode()), (b"Cache-Control", b"no-store")],
+            body,
         )
-        request.responseHeaders.setRawHeaders(b"Content-Type", [content_type.encode()])
-        request.responseHeaders.setRawHeaders(b"Cache-Control", [b"no-store"])
-        return body
+
+    return scrape

@@ -3,8 +3,9 @@ The OpenAPI 3.1 document that describes aiproxy: its own endpoints, and the catc
 route that forwards everything else to the target.
 
 The error responses come from the error classes of :mod:`aiproxy.errors` (status,
-``type``, docstring) and the health examples from :class:`HealthResource` itself, so the
-document says what the code does.
+``type``, docstring) and the health examples from
+:func:`~aiproxy.core.endpoints.health_document` itself, so the document says what the
+code does.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any
 
 from aiproxy._version import __version__
 from aiproxy.config import Config
-from aiproxy.core.activity import Activity
+from aiproxy.core.endpoints import health_document
 from aiproxy.errors import (
     BadRequestTarget,
     BodyTooLarge,
@@ -33,7 +34,6 @@ from aiproxy.errors import (
     WebSocketNotSupported,
     error_body,
 )
-from aiproxy.health import HealthResource
 
 __all__ = ["openapi_document"]
 
@@ -141,7 +141,7 @@ def _description(config: Config) -> str:
 
 
 def _health_path(config: Config) -> dict[str, Any]:
-    healthy = cast("dict[str, Any]", HealthResource(config, Activity()).document())
+    healthy = health_document(config)
     schema = {"$ref": "#/components/schemas/Health"}
     return _get(
         "health",

@@ -26,11 +26,15 @@ A request without ``Origin`` is left alone: that costs one header lookup.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import attrs
-from twisted.web.http_headers import Headers
 
 from aiproxy.config import Config
+from aiproxy.rules.headers import has_header, header_values
+
+if TYPE_CHECKING:
+    from aiproxy.core.interfaces import RawHeaders
 
 __all__ = [
     "EXPOSED_HEADERS",
@@ -56,6 +60,8 @@ REPLACED_ON_RESPONSE = (
     b"Access-Control-Expose-Headers",
 )
 """The upstream's CORS headers of an actual response that aiproxy's replace."""
+
+_REPLACED_NAMES = frozenset(name.lower() for name in REPLACED_ON_RESPONSE)
 
 _WILDCARD = (b"*",)
 
@@ -98,13 +104,13 @@ def _wildcard_or(items: tuple[bytes, ...]) -> tuple[bytes, ...]:
     return _WILDCARD if b"*" in items else items
 
 
-def is_preflight(method: bytes, headers: Headers) -> bool:
+def is_preflight(method: bytes, headers: RawHeaders) -> bool:
     """Whether a request is a CORS preflight: ``OPTIONS`` with ``Origin`` and
     ``Access-Control-Request-Method``."""
     return (
         method == b"OPTIONS"
-        and headers.hasHeader(b"origin")
-        and headers.hasHeader(b"access-control-request-method")
+        and has_header(headers, b"origin")
+        and has_header(headers, b"access-control-request-method")
     )
 
 
@@ -130,7 +136,7 @@ def response_headers(policy: CorsPolicy, origin: bytes) -> list[tuple[bytes, byt
     return result
 
 
-def preflight_headers(policy: CorsPolicy, request: Headers) -> list[tuple[bytes, bytes]]:
+def preflight_headers(policy: CorsPolicy, request: RawHeaders) -> list[tuple[bytes, bytes]]:
     """
     The headers that answer a preflight from an allowed origin, besides those of
     :func:`response_headers`: the allowed methods and headers, and ``Max-Age``.
@@ -138,13 +144,13 @@ def preflight_headers(policy: CorsPolicy, request: Headers) -> list[tuple[bytes,
     result: list[tuple[bytes, bytes]] = []
     vary: list[bytes] = []
     if policy.methods == _WILDCARD:
-        method = (request.getRawHeaders(b"access-control-request-method") or [b""])[0]
+        method = (header_values(request, b"access-control-request-method") or [b""])[0]
         result.append((b"Access-Control-Allow-Methods", method.strip()))
         vary.append(b"Access-Control-Request-Method")
     else:
         result.append((b"Access-Control-Allow-Methods", b", ".join(policy.methods)))
     if policy.headers == _WILDCARD:
-        asked = b", ".join(request.getRawHeaders(b"access-control-request-headers") or ())
+        asked = b", ".join(header_values(request, b"access-control-request-headers"))
         if asked.strip():
             result.append((b"Access-Control-Allow-Headers", asked.strip()))
         vary.append(b"Access-Control-Request-Headers")
@@ -155,25 +161,66 @@ def preflight_headers(policy: CorsPolicy, request: Headers) -> list[tuple[bytes,
     return result
 
 
-def add_response_headers(headers: Headers, added: Iterable[tuple[bytes, bytes]]) -> None:
+def add_response_headers(headers: RawHeaders, added: Iterable[tuple[bytes, bytes]]) -> None:
     """
-    Put CORS headers on a response's ``headers``: the upstream's of
-    :data:`REPLACED_ON_RESPONSE` go, each of ``added`` replaces its name, and ``Vary``
-    names join the response's ``Vary`` unless already there.
+    Put CORS headers on a response's ``headers``, a list changed in place: the
+    upstream's of :data:`REPLACED_ON_RESPONSE` go, each of ``added`` replaces any field
+    of its name (and comes after the response's own), and ``Vary`` names join the
+    response's ``Vary`` unless already there. Names are matched in any case; the
+    response's fields keep their order and case.
     """
-    for name in REPLACED_ON_RESPONSE:
-        headers.removeHeader(name)
+    fields: dict[bytes, tuple[bytes, bytes]] = {}
+    vary: list[bytes] = []
     for name, value in added:
-        if name == b"Vary":
-            _add_vary(headers, value)
+        lower = name.lower()
+        if lower == b"vary":
+            vary.append(value)
         else:
-            headers.setRawHeaders(name, [value])
+            fields[lower] = (name, value)
+    kept: RawHeaders = []
+    vary_at = -1
+    vary_values: list[bytes] = []
+    for field in headers:
+        lower = field[0].lower()
+        if lower in _REPLACED_NAMES or lower in fields:
+            continue
+        if lower == b"vary":
+            if vary_at < 0:
+                vary_at = len(kept)
+            vary_values.append(field[1])
+        kept.append(field)
+    if vary:
+        kept = _with_vary(kept, vary_at, vary_values, vary)
+    kept.extend(fields.values())
+    headers[:] = kept
 
 
-def _add_vary(headers: Headers, name: bytes) -> None:
-    current = headers.getRawHeaders(b"vary") or []
+def _with_vary(
+    fields: RawHeaders, vary_at: int, current: list[bytes], names: list[bytes]
+) -> RawHeaders:
+    """
+    ``fields`` with ``names`` joined to its ``Vary`` (the ``current`` values, the first
+    at ``vary_at``; -1 for none), as one field in the place of the first, unless ``Vary``
+    already names them or is ``*``.
+    """
     tokens = {t.strip().lower() for v in current for t in v.split(b",")}
-    if name.lower() in tokens or b"*" in tokens:
-        return
-    joined = b", ".join([*(v for v in current if v.strip()), name])
-    headers.setRawHeaders(b"Vary", [joined])
+    if b"*" in tokens:
+        return fields
+    missing: list[bytes] = []
+    for name in names:
+        if name.lower() not in tokens:
+            tokens.add(name.lower())
+            missing.append(name)
+    if not missing:
+        return fields
+    joined = b", ".join([*(v for v in current if v.strip()), *missing])
+    if vary_at < 0:
+        fields.append((b"Vary", joined))
+        return fields
+    merged = (fields[vary_at][0], joined)
+    if len(current) > 1:
+        fields = [field for field in fields if field[0].lower() != b"vary"]
+        fields.insert(vary_at, merged)
+    else:
+        fields[vary_at] = merged
+    return fields

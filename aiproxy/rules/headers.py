@@ -1,8 +1,11 @@
 """
-Pure header rules: what crosses the proxy in each direction, and what it adds.
+Pure header rules: what crosses the proxy in each direction, what it adds, and the
+request head it sends upstream.
 
-Headers are handled as raw bytes with every value kept (``getAllRawHeaders`` /
-``setRawHeaders``), so repeated headers survive in order.
+Headers are ``RawHeaders`` (see :mod:`aiproxy.core.interfaces`): ``(name, value)``
+pairs of bytes in wire order and case, repeated names kept, so that every field
+reaches the other side as it was sent. Names are matched case-insensitively: each
+field's name, lowered, against a lower-case constant.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from twisted.web.http_headers import Headers
+if TYPE_CHECKING:
+    from aiproxy.core.interfaces import RawHeaders
 
 __all__ = [
     "HOP_BY_HOP",
@@ -20,9 +25,12 @@ __all__ = [
     "client_response_headers",
     "connection_tokens",
     "end_to_end",
+    "has_header",
+    "header_values",
     "is_event_stream",
     "new_request_id",
     "original_client",
+    "request_head",
     "upstream_request_headers",
 ]
 
@@ -43,11 +51,11 @@ HOP_BY_HOP = frozenset(
 
 REPLACED_ON_REQUEST = frozenset(
     {
-        # The upstream's own, set by the HTTP client from the upstream URL.
+        # The upstream's own: request_head sets it from the upstream URL.
         b"host",
-        # Framing of the body we send, set by the HTTP client from the body producer.
+        # Framing of the body we send: request_head sets it from the body's length.
         b"content-length",
-        # twisted.web answered 100-continue itself; the body is already here.
+        # The front door answers 100-continue itself; the body is already on its way.
         b"expect",
         # Set by the proxy below.
         b"x-forwarded-for",
@@ -57,33 +65,81 @@ REPLACED_ON_REQUEST = frozenset(
     }
 )
 
+_NOT_PASSED_ON_REQUEST = HOP_BY_HOP | REPLACED_ON_REQUEST
+
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+"""Methods whose requests normally carry a body: an empty one still says ``Content-Length: 0``."""
+
+_EVENT_STREAM = b"text/event-stream"
+
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}\Z")
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """The lower-case header names listed in ``headers``' ``Connection`` values."""
-    return frozenset(
-        token.strip().lower()
-        for value in headers.getRawHeaders(b"connection", ())
-        for token in value.split(b",")
-        if token.strip()
-    )
-
-
-def end_to_end(
-    headers: Headers, also_drop: frozenset[bytes] = frozenset()
-) -> Iterator[tuple[bytes, Sequence[bytes]]]:
+def header_values(headers: RawHeaders, name: bytes) -> list[bytes]:
     """
-    Every header except hop-by-hop ones, those ``Connection`` names, and ``also_drop``.
+    Every value of the field ``name`` in ``headers``, in order; empty if it is absent.
+
+    @param name: the field's name in lower case.
+    """
+    # Comparing lengths first spares lowering the names that cannot match.
+    size = len(name)
+    return [value for field, value in headers if len(field) == size and field.lower() == name]
+
+
+def has_header(headers: RawHeaders, name: bytes) -> bool:
+    """
+    Whether ``headers`` has a field ``name``.
+
+    @param name: the field's name in lower case.
+    """
+    size = len(name)
+    return any(len(field) == size and field.lower() == name for field, _ in headers)
+
+
+def _tokens(values: Iterable[bytes]) -> set[bytes]:
+    """The lower-case tokens of comma-separated ``values``, blanks left out."""
+    tokens = set()
+    for value in values:
+        for token in value.split(b","):
+            token = token.strip()
+            if token:
+                tokens.add(token.lower())
+    return tokens
+
+
+def _without(fields: RawHeaders, names: set[bytes]) -> RawHeaders:
+    """``fields`` but those whose lower-case name is one of ``names``."""
+    return [field for field in fields if field[0].lower() not in names]
+
+
+def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    """The lower-case header names listed in ``headers``' ``Connection`` values."""
+    return frozenset(_tokens(header_values(headers, b"connection")))
+
+
+def end_to_end(headers: RawHeaders, also_drop: frozenset[bytes] = frozenset()) -> RawHeaders:
+    """
+    Every field except hop-by-hop ones, those ``Connection`` names, and ``also_drop``,
+    in order and case.
 
     @param also_drop: further lower-case names to leave out.
     """
-    drop = HOP_BY_HOP | also_drop
-    if headers.hasHeader(b"connection"):
-        drop = drop | connection_tokens(headers)
-    for name, values in headers.getAllRawHeaders():
-        if name.lower() not in drop:
-            yield name, values
+    drop = HOP_BY_HOP | also_drop if also_drop else HOP_BY_HOP
+    kept: RawHeaders = []
+    connection: list[bytes] = []
+    for field in headers:
+        name = field[0].lower()
+        if name in drop:
+            if name == b"connection":
+                connection.append(field[1])
+        else:
+            kept.append(field)
+    if connection:
+        # Nearly always "keep-alive" or "close": nothing more to drop then.
+        named = _tokens(connection) - drop
+        if named:
+            return _without(kept, named)
+    return kept
 
 
 def original_client(
@@ -156,51 +212,138 @@ def choose_request_id(
 
 
 def upstream_request_headers(
-    incoming: Headers, *, client_ip: bytes | None, scheme: bytes, request_id: bytes
-) -> Headers:
+    incoming: RawHeaders, *, client_ip: bytes | None, scheme: bytes, request_id: bytes
+) -> RawHeaders:
     """
-    The headers to send upstream for a client's request.
+    The headers to send upstream for a client's request (``Host`` and the body's
+    framing aside: see :func:`request_head`).
 
-    End-to-end headers (``Authorization`` included) pass unchanged. ``X-Forwarded-For``
-    gains the client's IP address (none for a UNIX socket peer); ``X-Forwarded-Proto``
-    and ``X-Forwarded-Host`` say how the client reached the proxy; ``X-Request-ID``
-    carries the request's ID.
+    End-to-end headers (``Authorization`` included) pass unchanged, in their order and
+    case. After them, ``X-Forwarded-For`` carries the chain of every incoming value
+    plus the client's IP address (none for a UNIX socket peer), as one field;
+    ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the first ``Host``) say how the
+    client reached the proxy; ``X-Request-ID`` carries the request's ID. The client's
+    own values of these are replaced.
     """
-    outgoing = Headers()
-    for name, values in end_to_end(incoming, REPLACED_ON_REQUEST):
-        outgoing.setRawHeaders(name, values)
-    chain = list(incoming.getRawHeaders(b"x-forwarded-for", ()))
+    outgoing: RawHeaders = []
+    chain: list[bytes] = []
+    host: bytes | None = None
+    connection: list[bytes] = []
+    for field in incoming:
+        name = field[0].lower()
+        if name not in _NOT_PASSED_ON_REQUEST:
+            outgoing.append(field)
+        elif name == b"x-forwarded-for":
+            chain.append(field[1])
+        elif name == b"host":
+            if host is None:
+                host = field[1]
+        elif name == b"connection":
+            connection.append(field[1])
+    if connection:
+        named = _tokens(connection) - _NOT_PASSED_ON_REQUEST
+        if named:
+            outgoing = _without(outgoing, named)
     if client_ip is not None:
         chain.append(client_ip)
     if chain:
-        outgoing.setRawHeaders(b"X-Forwarded-For", [b", ".join(chain)])
-    outgoing.setRawHeaders(b"X-Forwarded-Proto", [scheme])
-    host = incoming.getRawHeaders(b"host")
-    if host:
-        outgoing.setRawHeaders(b"X-Forwarded-Host", host[:1])
-    outgoing.setRawHeaders(b"X-Request-ID", [request_id])
+        outgoing.append((b"X-Forwarded-For", b", ".join(chain)))
+    outgoing.append((b"X-Forwarded-Proto", scheme))
+    if host is not None:
+        outgoing.append((b"X-Forwarded-Host", host))
+    outgoing.append((b"X-Request-ID", request_id))
     return outgoing
 
 
-def client_response_headers(upstream: Headers) -> Iterator[tuple[bytes, Sequence[bytes]]]:
+def request_head(
+    method: bytes, target: bytes, host: bytes, headers: RawHeaders, body_length: int | None
+) -> bytes:
+    """
+    The whole HTTP/1.1 request head to send upstream, request line to empty line.
+
+    That is ``method target HTTP/1.1``, then ``Host``, then ``headers`` in order, then
+    the body's framing: ``Content-Length`` for a body of known length (``0`` too for
+    ``POST``, ``PUT`` and ``PATCH``, whose upstreams would otherwise wait for a body;
+    nothing for an empty body of another method), or ``Transfer-Encoding: chunked``
+    for a body of unknown length.
+
+    @param target: the request target, origin-form (``b"/v1/chat/completions"``).
+    @param host: the ``Host`` value: the upstream's authority.
+    @param headers: the fields to send (see :func:`upstream_request_headers`): no
+        ``Host``, ``Content-Length`` or ``Transfer-Encoding``; checked by nobody here.
+    @param body_length: the body's length, 0 or more; L{None} when it is not known
+        in advance (sent chunked).
+    """
+    parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    append = parts.append
+    for name, value in headers:
+        append(name)
+        append(b": ")
+        append(value)
+        append(b"\r\n")
+    if body_length is None:
+        append(b"Transfer-Encoding: chunked\r\n\r\n")
+    elif body_length or method in _BODY_METHODS:
+        append(b"Content-Length: %d\r\n\r\n" % body_length)
+    else:
+        append(b"\r\n")
+    return b"".join(parts)
+
+
+SET_BY_THE_PROXY = frozenset({b"x-request-id", b"x-process-time", b"x-proxy-by"})
+"""aiproxy's own response headers: the upstream's are replaced, never repeated."""
+
+_NOT_RELAYED = HOP_BY_HOP | SET_BY_THE_PROXY
+
+
+def client_response_headers(upstream: RawHeaders) -> RawHeaders:
     """
     The headers to send the client for an upstream response.
 
-    End-to-end headers pass unchanged. An event stream (``text/event-stream``) also
-    gets ``X-Accel-Buffering: no`` and ``Cache-Control: no-cache`` unless the upstream
-    set them, so that a buffering proxy in front (nginx) passes events at once.
+    End-to-end headers (``Content-Length`` included) pass unchanged, in their order and
+    case, except aiproxy's own (:data:`SET_BY_THE_PROXY`), which it adds itself. An
+    event stream (``text/event-stream``) also gets ``X-Accel-Buffering: no`` and
+    ``Cache-Control: no-cache`` after them unless the upstream set them, so that a
+    buffering proxy in front (nginx) passes events at once.
     """
-    yield from end_to_end(upstream)
-    if is_event_stream(upstream):
-        if not upstream.hasHeader(b"x-accel-buffering"):
-            yield b"X-Accel-Buffering", [b"no"]
-        if not upstream.hasHeader(b"cache-control"):
-            yield b"Cache-Control", [b"no-cache"]
+    kept: RawHeaders = []
+    connection: list[bytes] = []
+    content_type: bytes | None = None
+    accel_buffering = cache_control = False
+    for field in upstream:
+        name = field[0].lower()
+        if name in _NOT_RELAYED:
+            if name == b"connection":
+                connection.append(field[1])
+            continue
+        kept.append(field)
+        if name == b"content-type":
+            if content_type is None:
+                content_type = field[1]
+        elif name == b"x-accel-buffering":
+            accel_buffering = True
+        elif name == b"cache-control":
+            cache_control = True
+    if connection:
+        named = _tokens(connection) - HOP_BY_HOP
+        if named:
+            kept = _without(kept, named)
+    if content_type is not None and _is_event_stream_type(content_type):
+        if not accel_buffering:
+            kept.append((b"X-Accel-Buffering", b"no"))
+        if not cache_control:
+            kept.append((b"Cache-Control", b"no-cache"))
+    return kept
 
 
-def is_event_stream(headers: Headers) -> bool:
-    """Whether ``headers`` are those of a server-sent event stream."""
-    content_type = headers.getRawHeaders(b"content-type")
-    if not content_type:
-        return False
-    return content_type[0].lower().startswith(b"text/event-stream")
+def is_event_stream(headers: RawHeaders) -> bool:
+    """Whether ``headers`` are those of a server-sent event stream (by the first
+    ``Content-Type``)."""
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == b"content-type":
+            return _is_event_stream_type(value)
+    return False
+
+
+def _is_event_stream_type(content_type: bytes) -> bool:
+    return content_type[: len(_EVENT_STREAM)].lower() == _EVENT_STREAM

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
-from twisted.web.http_headers import Headers
+
+if TYPE_CHECKING:
+    from aiproxy.core.interfaces import RawHeaders
 
 __all__ = [
     "MAX_EVENT_SIZE",
@@ -80,7 +82,7 @@ class UsageMeter(Protocol):
 
 
 def usage_meter(
-    headers: Headers,
+    headers: RawHeaders,
     *,
     max_json_body: int = MAX_JSON_BODY,
     max_event_size: int = MAX_EVENT_SIZE,
@@ -92,18 +94,27 @@ def usage_meter(
     ``application/json``, ``*/*+json`` or ``text/event-stream`` can be read. A JSON body
     that announces a ``Content-Length`` over ``max_json_body`` gets no meter either.
     """
-    for value in headers.getRawHeaders(b"content-encoding", ()):
-        if any(coding.strip().lower() not in (b"", b"identity") for coding in value.split(b",")):
+    content_type: bytes | None = None
+    length: bytes | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-type":
+            if content_type is None:
+                content_type = value
+        elif lower == b"content-length":
+            if length is None:
+                length = value
+        elif lower == b"content-encoding" and any(
+            coding.strip().lower() not in (b"", b"identity") for coding in value.split(b",")
+        ):
             return None
-    content_type = headers.getRawHeaders(b"content-type")
-    if not content_type:
+    if content_type is None:
         return None
-    media_type = content_type[0].split(b";", 1)[0].strip().lower()
+    media_type = content_type.split(b";", 1)[0].strip().lower()
     if media_type == b"text/event-stream":
         return _EventStream(max_event_size)
     if media_type == b"application/json" or media_type.endswith(b"+json"):
-        length = headers.getRawHeaders(b"content-length", [b""])[0]
-        if length.isdigit() and int(length) > max_json_body:
+        if length is not None and length.isdigit() and int(length) > max_json_body:
             return None
         return _JsonBody(max_json_body)
     return None

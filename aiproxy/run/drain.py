@@ -4,19 +4,15 @@ Graceful shutdown: stop listening, let the requests in flight finish, abort what
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.http import HTTPChannel
 
-from aiproxy.core.activity import Activity, IncomingConnection, close_after_response, connection_of
-from aiproxy.streaming import abort_response
+from aiproxy.core.activity import Activity
 
-__all__ = ["DrainService", "abort_connection", "close_if_idle"]
+__all__ = ["DrainService"]
 
 log = Logger(namespace="aiproxy")
 
@@ -77,8 +73,6 @@ class DrainService(MultiService):
             timeout=self.timeout,
         )
         await self._stop_listening()
-        for request in activity.requests:
-            close_after_response(request)
         if await self._settle(deadline):
             log.info(
                 "Drained: every request finished, in {duration:.3f}s",
@@ -118,7 +112,7 @@ class DrainService(MultiService):
         activity, clock = self.activity, self.clock
         while True:
             for connection in activity.connections():
-                close_if_idle(connection)
+                connection.close_if_idle()
             if not activity.requests and not activity.connections():
                 return True
             now = clock.seconds()
@@ -142,46 +136,9 @@ class DrainService(MultiService):
         Abort every client connection still open, and with them their requests; the
         number of connections aborted.
         """
-        connections = set(self.activity.connections())
-        for request in list(self.activity.requests):
-            connection = connection_of(request)
-            if connection is None:
-                abort_response(request)
-            else:
-                connections.add(connection)
+        connections = self.activity.connections()
         for connection in connections:
-            abort_connection(connection)
+            connection.abort()
+        for request in list(self.activity.requests):
+            request.abort()
         return len(connections)
-
-
-def close_if_idle(connection: IncomingConnection) -> None:
-    """
-    Close ``connection`` if no request is on it: an HTTP/1.x channel at once, an
-    HTTP/2 connection after a ``GOAWAY`` frame. An HTTP/1.x channel with a request on
-    it closes once its response has been sent.
-
-    A busy HTTP/2 connection is left alone: hyper-h2 sends nothing on any stream once
-    it has sent ``GOAWAY``, so its streams would be cut short.
-    """
-    transport: Any = connection.transport
-    if transport is None or transport.disconnecting:
-        return
-    if isinstance(connection, HTTPChannel):
-        if connection.requests:
-            connection.persistent = False
-        else:
-            connection.loseConnection()
-    elif not connection.streams:
-        connection.conn.close_connection()
-        transport.write(connection.conn.data_to_send())
-        # As HTTPChannel.loseConnection does: a TLS transport waits for its producer
-        # (the connection) to be unregistered before it closes.
-        transport.unregisterProducer()
-        transport.loseConnection()
-
-
-def abort_connection(connection: IncomingConnection) -> None:
-    """Drop ``connection`` at once; every request on it ends as not finished."""
-    transport: Any = connection.transport
-    if transport is not None:
-        transport.abortConnection()

@@ -11,9 +11,8 @@ lets each process take connections only as fast as it gets back to its event loo
 busy process leaves the next ones to an idle sibling: 2,035 requests/s on both cores
 (see BENCHMARKS.md).
 
-Private corners of Twisted are used: ``tcp.Port._fromListeningDescriptor`` and
-``unix.Port._fromListeningDescriptor``, which are how ``reactor.adoptStreamPort`` builds
-its ports, and an ``ssl:`` endpoint's ``_sslContextFactory``.
+The private corners of Twisted this needs (how ``reactor.adoptStreamPort`` builds its
+ports, and an ``ssl:`` endpoint's TLS context) are reached through :mod:`aiproxy._twisted`.
 """
 
 from __future__ import annotations
@@ -29,13 +28,35 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from aiproxy._twisted import port_from_descriptor, ssl_context_factory, unix_port_from_descriptor
+
 __all__ = [
+    "LISTEN_BACKLOG",
     "OneAcceptPort",
     "OneAcceptUNIXPort",
     "SharedSocketEndpoint",
     "inherited",
     "shared_if_inherited",
+    "with_backlog",
 ]
+
+LISTEN_BACKLOG = 1024
+"""
+Connections the kernel queues for a listening socket before aiproxy accepts them.
+Twisted's default of 50 made a burst of 2,000 new connections wait seconds on SYN
+retries; the kernel caps the value at ``net.core.somaxconn``.
+"""
+
+
+def with_backlog(description: str) -> str:
+    """
+    The endpoint string ``description`` with ``backlog=`` :data:`LISTEN_BACKLOG` added
+    when it is a ``tcp:``, ``tcp6:``, ``ssl:`` or ``unix:`` endpoint that sets none.
+    """
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind not in ("tcp", "tcp6", "ssl", "unix") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
 
 
 class _OneAccept:
@@ -83,12 +104,12 @@ class SharedSocketEndpoint:
             fdesc.setNonBlocking(self.fileno)
             port: tcp.Port | unix.Port
             if self.family == socket.AF_UNIX:
-                port = OneAcceptUNIXPort._fromListeningDescriptor(
-                    self.reactor, self.fileno, factory
+                port = unix_port_from_descriptor(
+                    OneAcceptUNIXPort, self.reactor, self.fileno, factory
                 )
             else:
-                port = OneAcceptPort._fromListeningDescriptor(
-                    self.reactor, self.fileno, self.family, factory
+                port = port_from_descriptor(
+                    OneAcceptPort, self.reactor, self.fileno, self.family, factory
                 )
             port.startListening()
             os.close(self.fileno)
@@ -125,7 +146,7 @@ def inherited(
     family = probe.family
     probe.detach()  # the descriptor stays open, for the port
     shared = SharedSocketEndpoint(reactor, fileno, family)
-    context = getattr(endpoint, "_sslContextFactory", None)  # an ssl: endpoint
+    context = ssl_context_factory(endpoint)
     if context is None:
         return shared, factory
     return shared, TLSMemoryBIOFactory(context, False, factory)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool
+
+from aiproxy.core.interfaces import UpstreamClient
 
 __all__ = ["PoolService", "SequentialMultiService"]
 
@@ -15,13 +16,13 @@ log = Logger(namespace="aiproxy")
 class PoolService(Service):
     """Closes the upstream connection pool when the application stops."""
 
-    def __init__(self, pool: HTTPConnectionPool) -> None:
+    def __init__(self, pool: UpstreamClient) -> None:
         self.pool = pool
 
     def stopService(self) -> Deferred[None]:
         """Close every pooled connection; fires when they are closed."""
         super().stopService()
-        return self.pool.closeCachedConnections()
+        return self.pool.close()
 
 
 class SequentialMultiService(MultiService):

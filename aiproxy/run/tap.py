@@ -21,18 +21,23 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python import usage
 
+from aiproxy._twisted import fail_if_cannot_listen, ssl_context_factory
 from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
 from aiproxy.core.activity import Activity
+from aiproxy.core.build import build_core
+from aiproxy.core.handler import ProxyCore
 from aiproxy.ops.logs import use_aiproxy_logging
 from aiproxy.ops.metrics import MetricsPublisher, SharedMetrics
 from aiproxy.run.drain import DrainService
-from aiproxy.run.listening import inherited, shared_if_inherited
+from aiproxy.run.listening import inherited, shared_if_inherited, with_backlog
 from aiproxy.run.service import PoolService, SequentialMultiService
 from aiproxy.run.workers import FIRST_FD, INHERITED_PORTS, METRICS_DIR, WorkerSupervisor
-from aiproxy.site import build_resource, build_site
-from aiproxy.upstream_agent import make_agent, make_pool
+from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.server.negotiate import NegotiatingFactory
+from aiproxy.server.web import ReverseProxyResource, build_site
+from aiproxy.upstream.pool import UpstreamPool
 
-__all__ = ["Options", "build_service", "makeService"]
+__all__ = ["Options", "build_service", "listener_factory", "makeService"]
 
 
 class Options(usage.Options):
@@ -79,48 +84,67 @@ def build_service(
     shared_metrics: SharedMetrics | None = None,
 ) -> MultiService:
     """
-    Everything aiproxy runs: the upstream pool, and one listener per endpoint under the
-    service that drains the site's connections.
+    Everything aiproxy runs: the upstream connection pool, and one listener per
+    endpoint under the service that drains their connections.
 
-    Stopping it stops the listeners, lets the requests in flight finish for up to
-    ``config.graceful_timeout`` seconds and aborts the rest, then closes the pool.
+    Each listener serves aiproxy's HTTP/1.1 server; an ``ssl:`` listener offers HTTP/2
+    by ALPN too. Stopping the service stops the listeners, lets the requests in flight
+    finish for up to ``config.graceful_timeout`` seconds and aborts the rest, then
+    closes the pool.
 
     @param reactor: provides ``IReactorTCP``, ``IReactorTime`` and ``IReactorCore`` (and
         ``IReactorSSL``/``IReactorUNIX`` for those endpoints).
-
     @param inherited_ports: the endpoints' sockets are open already, as file
         descriptors 3, 4, ... in order (a worker process, see :mod:`aiproxy.run.workers`).
     @param shared_metrics: where this worker publishes its metrics for its siblings,
         and finds theirs.
     @raise ConfigError: an endpoint string cannot be parsed.
     """
-    pool = make_pool(reactor)
-    agent = make_agent(reactor, config, pool)
+    upstream = UpstreamPool(
+        reactor,
+        config.target,
+        connect_timeout=config.connect_timeout,
+        ssl_verify=config.ssl_verify,
+    )
     activity = Activity()
-    root = build_resource(config, agent, reactor, activity, shared_metrics)
-    site = build_site(root, reactor, activity, config=config)
+    core = build_core(config, upstream, reactor, activity, shared_metrics)
     # Services stop one after another, in reverse order: the drain (listeners first),
     # then the pool, then the last publication of the metrics.
     top = SequentialMultiService()
-    if shared_metrics is not None and root.metrics is not None:
-        MetricsPublisher(root.metrics, shared_metrics, reactor).setServiceParent(top)
-    PoolService(pool).setServiceParent(top)
+    if shared_metrics is not None and core.metrics is not None:
+        MetricsPublisher(core.metrics, shared_metrics, reactor).setServiceParent(top)
+    PoolService(upstream).setServiceParent(top)
     drain = DrainService(activity, reactor, config.graceful_timeout)
     drain.setServiceParent(top)
     for index, description in enumerate(config.endpoints):
         try:
-            endpoint = endpoints.serverFromString(reactor, description)
+            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
-        factory: IProtocolFactory = site
+        tls = ssl_context_factory(endpoint) is not None
+        factory = listener_factory(core, config, reactor, tls=tls)
         if inherited_ports:
-            endpoint, factory = inherited(reactor, FIRST_FD + index, endpoint, site)
+            endpoint, factory = inherited(reactor, FIRST_FD + index, endpoint, factory)
         listener = StreamServerEndpointService(shared_if_inherited(endpoint), factory)
-        # Fail startService when the port cannot be opened, instead of logging and
-        # running on without a listener.
-        listener._raiseSynchronously = True
+        fail_if_cannot_listen(listener)
         listener.setServiceParent(drain)
     return top
+
+
+def listener_factory(
+    core: ProxyCore, config: Config, reactor: Any, *, tls: bool
+) -> IProtocolFactory:
+    """
+    What serves the connections of one listener: aiproxy's HTTP/1.1 server, and on a
+    TLS listener (``tls``) HTTP/2 too, for clients that choose ``h2`` by ALPN.
+    """
+    limits = ClientLimits.from_config(config)
+    http1 = HTTP11Factory(core, reactor, core.activity, limits, secure=tls)
+    if not tls:
+        return http1
+    resource = ReverseProxyResource(core, config.proxy_buffer_size)
+    site = build_site(resource, reactor, core.activity, config=config)
+    return NegotiatingFactory(http1, site, core.activity)
 
 
 def makeService(options: Options) -> IService:

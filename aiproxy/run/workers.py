@@ -41,8 +41,10 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aiproxy._twisted import server_address
 from aiproxy.config import Config, ConfigError, format_value, settings
 from aiproxy.run.drain import ABORT_GRACE
+from aiproxy.run.listening import with_backlog
 
 __all__ = ["LAUNCHER", "ListenSocket", "WorkerSupervisor", "child_environment", "listen_sockets"]
 
@@ -155,26 +157,25 @@ def listen_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSoc
         if description.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6", "ssl", "unix"):
             raise refused
         try:
-            endpoint = endpoints.serverFromString(reactor, description)
+            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
         if not isinstance(endpoint, _SHARED_KINDS):
             raise refused
+        address = server_address(endpoint)
         if isinstance(endpoint, endpoints.UNIXServerEndpoint):
-            path = os.path.abspath(endpoint._address)
+            path = os.path.abspath(address.interface)
             listen = ListenSocket(
-                description, socket.AF_UNIX, path, 0, endpoint._backlog, endpoint._mode
+                description, socket.AF_UNIX, path, 0, address.backlog, address.mode
             )
             result.append(listen)
             continue
-        interface: str = endpoint._interface
+        interface = address.interface
         six = isinstance(endpoint, endpoints.TCP6ServerEndpoint) or ":" in interface
         if six and not interface:
             interface = "::"
         family = socket.AF_INET6 if six else socket.AF_INET
-        result.append(
-            ListenSocket(description, family, interface, endpoint._port, endpoint._backlog)
-        )
+        result.append(ListenSocket(description, family, interface, address.port, address.backlog))
     return tuple(result)
 
 

@@ -12,15 +12,17 @@ import attrs
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
-from twisted.web.client import HTTPConnectionPool
+from twisted.internet.protocol import Factory
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from aiproxy.config import Config
-from aiproxy.proxy import ReverseProxyResource
-from aiproxy.site import ProxyRoot, build_resource, build_site
+from aiproxy.core.activity import Activity
+from aiproxy.core.build import build_core
+from aiproxy.core.handler import ProxyCore
+from aiproxy.server.http1 import ClientLimits, HTTP11Factory
 from aiproxy.testing import FakeOpenAI, UpstreamStats
-from aiproxy.upstream_agent import make_agent, make_pool
+from aiproxy.upstream.pool import UpstreamPool
 
 from .support import LOOPBACK, wait_until, within
 
@@ -40,11 +42,11 @@ class Upstream:
 
 @attrs.define
 class Proxy:
-    """An aiproxy site, listening, with its pool."""
+    """aiproxy's HTTP/1.1 server, listening, with its core and upstream pool."""
 
     config: Config
-    root: ProxyRoot
-    pool: HTTPConnectionPool
+    core: ProxyCore
+    pool: UpstreamPool
     listening: IListeningPort
 
     @property
@@ -56,14 +58,13 @@ class Proxy:
         return f"http://{LOOPBACK}:{self.port}"
 
     @property
-    def resource(self) -> ReverseProxyResource:
-        proxy = self.root.proxy
-        assert isinstance(proxy, ReverseProxyResource)
-        return proxy
+    def resource(self) -> ProxyCore:
+        """The core, whose counters (``cancelled``, ``retries``) the tests read."""
+        return self.core
 
 
-def _listen(site: Site) -> IListeningPort:
-    return reactor.listenTCP(0, site, interface=LOOPBACK)
+def _listen(factory: Factory) -> IListeningPort:
+    return reactor.listenTCP(0, factory, interface=LOOPBACK)
 
 
 def _serve_fake(prefix: bytes | None = None) -> Upstream:
@@ -102,17 +103,23 @@ async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
 
     def start(target_url: str, **settings: Any) -> Proxy:
         config = Config(target_url=target_url, **settings)
-        pool = make_pool(reactor)
-        agent = make_agent(reactor, config, pool)
-        root = build_resource(config, agent, reactor)
-        proxy = Proxy(config, root, pool, _listen(build_site(root, reactor, config=config)))
+        pool = UpstreamPool(
+            reactor,
+            config.target,
+            connect_timeout=config.connect_timeout,
+            ssl_verify=config.ssl_verify,
+        )
+        activity = Activity()
+        core = build_core(config, pool, reactor, activity)
+        factory = HTTP11Factory(core, reactor, activity, ClientLimits.from_config(config))
+        proxy = Proxy(config, core, pool, _listen(factory))
         started.append(proxy)
         return proxy
 
     yield start
     for proxy in started:
         await within(proxy.listening.stopListening(), 5)
-        await within(proxy.pool.closeCachedConnections(), 5)
+        await within(proxy.pool.close(), 5)
 
 
 @pytest_twisted.async_fixture

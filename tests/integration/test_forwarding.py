@@ -295,11 +295,12 @@ async def test_targets_that_are_not_paths_are_refused(
 async def test_http_1_0_clients_are_served(
     raw: bytes, method: str, body: bytes, upstream: Upstream, proxy: Proxy
 ) -> None:
-    """An HTTP/1.0 client gets an HTTP/1.0 response, ended by closing the connection."""
+    """An HTTP/1.0 client gets a response without chunked framing (its status line says
+    HTTP/1.1, as RFC 9110 section 2.5 asks of a server), ended by closing the connection."""
     client = await connect_raw(proxy.port)
     client.transport.write(raw)
     await within(client.closed, 5)
-    assert bytes(client.received).startswith(b"HTTP/1.0 200 ")
+    assert bytes(client.received).startswith(b"HTTP/1.1 200 ")
     response = parse_response(bytes(client.received), eof=True)
     assert response is not None
     assert not response.header(b"transfer-encoding")

@@ -1,6 +1,7 @@
 """
-HTTP/2, negotiated by ALPN over TLS, still works through aiproxy's site (whose
-connections start as :class:`aiproxy.channel.ProxyChannel`), body limit included.
+HTTP/2, negotiated by ALPN over TLS, works through the twisted.web door too: aiproxy's
+resource in a site made by :func:`aiproxy.server.web.build_site` (whose HTTP/1.1
+connections are :class:`aiproxy.server.web_channel.ProxyChannel`), body limit included.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import trustme
 from twisted.internet import reactor, ssl
 
 from aiproxy.config import Config
-from aiproxy.site import build_resource, build_site
-from aiproxy.upstream_agent import make_agent, make_pool
+from aiproxy.server.web import build_resource, build_site
+from aiproxy.upstream.pool import UpstreamPool
 
 from .conftest import Upstream
 from .h2client import H2Stream, connect_h2
@@ -35,13 +36,13 @@ async def h2_proxy(upstream: Upstream) -> AsyncIterator[tuple[int, Any]]:
         acceptableProtocols=[b"h2", b"http/1.1"],
     )
     config = Config(target_url=upstream.url, max_body_size=1000)
-    pool = make_pool(reactor)
-    root = build_resource(config, make_agent(reactor, config, pool), reactor)
+    pool = UpstreamPool(reactor, config.target, connect_timeout=config.connect_timeout)
+    root = build_resource(config, pool, reactor)
     site = build_site(root, reactor, config=config)
     port = reactor.listenSSL(0, site, options, interface=LOOPBACK)
     yield port.getHost().port, ca
     await within(port.stopListening(), 5)
-    await within(pool.closeCachedConnections(), 5)
+    await within(pool.close(), 5)
 
 
 async def h2_exchange(

@@ -25,13 +25,13 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import IListeningPort
-from twisted.web.client import HTTPConnectionPool
 
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
-from aiproxy.proxy import ReverseProxyResource
-from aiproxy.site import build_resource, build_site
-from aiproxy.upstream_agent import make_agent, make_pool
+from aiproxy.core.build import build_core
+from aiproxy.core.handler import ProxyCore
+from aiproxy.run.tap import listener_factory
+from aiproxy.upstream.pool import UpstreamPool
 
 from .conftest import Upstream
 from .h2client import connect_h2
@@ -51,8 +51,8 @@ class H2Proxy:
     """aiproxy on an ``ssl:`` endpoint, with what the tests look at."""
 
     listening: IListeningPort
-    pool: HTTPConnectionPool
-    proxy: ReverseProxyResource
+    pool: UpstreamPool
+    proxy: ProxyCore
     activity: Activity
     trust_root: ssl.Certificate
     accepted: list[object]
@@ -74,33 +74,32 @@ async def h2_proxy(upstream: Upstream, tmp_path: Path) -> AsyncIterator[H2Proxy]
     issued.cert_chain_pems[0].write_to_path(str(certificate))
 
     config = Config(target_url=upstream.url)
-    pool = make_pool(reactor)
+    pool = UpstreamPool(reactor, config.target, connect_timeout=config.connect_timeout)
     activity = Activity()
-    root = build_resource(config, make_agent(reactor, config, pool), reactor, activity)
-    site = build_site(root, reactor, activity, config=config)
+    core = build_core(config, pool, reactor, activity)
+    factory = listener_factory(core, config, reactor, tls=True)
     accepted: list[object] = []
-    build_protocol = site.buildProtocol
+    build_protocol = factory.buildProtocol
 
     def counting(addr: Any) -> Any:
         accepted.append(addr)
         return build_protocol(addr)
 
-    site.buildProtocol = counting  # type: ignore[method-assign]
+    factory.buildProtocol = counting  # type: ignore[method-assign]
     endpoint = serverFromString(
         reactor, f"ssl:0:interface={LOOPBACK}:privateKey={key}:certKey={certificate}"
     )
-    listening = await within(endpoint.listen(site), 5)
-    assert isinstance(root.proxy, ReverseProxyResource)
+    listening = await within(endpoint.listen(factory), 5)
     yield H2Proxy(
         listening,
         pool,
-        root.proxy,
+        core,
         activity,
         ssl.Certificate.loadPEM(ca.cert_pem.bytes()),
         accepted,
     )
     await within(listening.stopListening(), 5)
-    await within(pool.closeCachedConnections(), 5)
+    await within(pool.close(), 5)
 
 
 @pytest_twisted.ensureDeferred

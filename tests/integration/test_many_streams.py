@@ -83,7 +83,7 @@ async def test_thousands_of_streams_with_random_client_aborts_leave_nothing_behi
         client.transport.loseConnection()
     for client in clients:
         await within(client.closed, 10)
-    await within(proxy.pool.closeCachedConnections(), 10)
+    await within(proxy.pool.close(), 10)
     await wait_until(
         lambda: open_file_descriptors() <= before + 2,  # the proxy's listening socket, + slack
         10,

@@ -16,12 +16,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.web.server import Site
 
 from aiproxy.config import Config
-from aiproxy.proxy import ReverseProxyResource
+from aiproxy.core.handler import ProxyCore
 from aiproxy.rules.retry import RetryPolicy
-from aiproxy.rules.target import parse_target
-from aiproxy.site import ProxyRoot, build_site
+from aiproxy.server.http1 import ClientLimits, HTTP11Factory
 from aiproxy.testing import FakeOpenAI
-from aiproxy.upstream_agent import make_agent, make_pool
+from aiproxy.upstream.pool import UpstreamPool
 
 from .conftest import Proxy, Upstream
 from .support import (
@@ -42,9 +41,9 @@ JITTER_ONE = RetryPolicy(3, 0.5, jitter=lambda: 1.0)
 
 @attrs.define
 class BareProxy:
-    """A proxy resource with a chosen retry policy, listening on loopback."""
+    """A proxy core with a chosen retry policy, behind aiproxy's HTTP/1.1 server on loopback."""
 
-    resource: ReverseProxyResource
+    resource: ProxyCore
     listening: IListeningPort
 
     @property
@@ -60,18 +59,18 @@ async def bare_proxy() -> AsyncIterator[Callable[..., BareProxy]]:
     def start(target_url: str, **options: object) -> BareProxy:
         options.setdefault("request_timeout", 10)
         options.setdefault("retry_policy", JITTER_ONE)
-        pool = make_pool(reactor)
-        agent = make_agent(reactor, Config(target_url=target_url), pool)
-        resource = ReverseProxyResource(parse_target(target_url), agent, reactor, **options)
-        site = build_site(ProxyRoot({}, resource), reactor)
-        proxy = BareProxy(resource, reactor.listenTCP(0, site, interface=LOOPBACK))
+        config = Config(target_url=target_url)
+        pool = UpstreamPool(reactor, config.target, connect_timeout=config.connect_timeout)
+        core = ProxyCore(config.target, pool, reactor, **options)
+        factory = HTTP11Factory(core, reactor, core.activity, ClientLimits.from_config(config))
+        proxy = BareProxy(core, reactor.listenTCP(0, factory, interface=LOOPBACK))
         started.append((proxy, pool))
         return proxy
 
     yield start
     for proxy, pool in started:
         await within(proxy.listening.stopListening(), 5)
-        await within(pool.closeCachedConnections(), 5)
+        await within(pool.close(), 5)
 
 
 @pytest_twisted.ensureDeferred

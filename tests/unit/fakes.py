@@ -1,156 +1,214 @@
 """
-Fakes for the unit tests: an ``IAgent`` that records each request and answers when the
-test says so, an ``IResponse`` whose body the test writes, and an HTTP/1.1 client that
-talks to a ``Site`` over a ``StringTransport``.
+Fakes for the unit tests: an upstream client that records each request and answers
+when the test says so, a response whose body the test sends piece by piece, and an
+HTTP/1.1 client that talks to a server factory over a ``StringTransport``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock, Cooperator
+from twisted.internet.protocol import Factory
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
-from twisted.web.server import Site
-from zope.interface import implementer
+
+from aiproxy.core.interfaces import BodySource, RawHeaders, RequestBody, ResponseSink
 
 CLIENT_ADDRESS = IPv4Address("TCP", "203.0.113.7", 40000)
 
 
-def clock_cooperator(clock: Clock) -> Cooperator:
-    """A cooperator that runs one step per ``clock.advance(0)``."""
-    return Cooperator(
-        terminationPredicateFactory=lambda: lambda: True,
-        scheduler=lambda step: clock.callLater(0, step),
-    )
-
-
-def run_until_fired(clock: Clock, d: Deferred[object], limit: int = 10_000) -> None:
-    """Advance ``clock`` by zero seconds until ``d`` has fired."""
-    for _ in range(limit):
-        if d.called:
-            return
-        clock.advance(0)
-    raise AssertionError(f"{d!r} did not fire after {limit} clock turns")
-
-
-class CollectingConsumer:
-    """An ``IConsumer`` that keeps every write."""
+class CollectingSink:
+    """A ``BodySink`` that keeps every piece and pulls a pull producer to the end."""
 
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.finished = False
+        self.failed: Exception | None = None
+        self.producer: Any = None
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
 
-    def registerProducer(self, producer: object, streaming: bool) -> None:
-        pass
+    def finish(self) -> None:
+        self.finished = True
 
-    def unregisterProducer(self) -> None:
-        pass
+    def fail(self, reason: Exception) -> None:
+        self.failed = reason
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+        if not streaming:
+            while self.producer is producer and not self.finished:
+                producer.resumeProducing()
+
+    def unregister_producer(self) -> None:
+        self.producer = None
 
     @property
     def data(self) -> bytes:
         return b"".join(self.writes)
 
 
-def produce(producer: IBodyProducer, clock: Clock) -> CollectingConsumer:
-    """Run ``producer`` to the end and return what it wrote."""
-    consumer = CollectingConsumer()
-    run_until_fired(clock, producer.startProducing(consumer))
-    return consumer
+def body_bytes(body: RequestBody) -> bytes:
+    """The whole of a request body the proxy sent upstream."""
+    if isinstance(body, bytes):
+        return body
+    sink = CollectingSink()
+    body.start(sink)
+    assert sink.finished, "the body did not finish"
+    return sink.data
 
 
-@implementer(IResponse)
+class FakeProducer:
+    """Stands for the upstream connection's transport: records pauses and stops."""
+
+    def __init__(self) -> None:
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
+
+
 class FakeResponse:
     """An upstream response whose body the test sends piece by piece."""
 
-    version = (b"HTTP", 1, 1)
-    length = UNKNOWN_LENGTH
-    request = None
-    previousResponse = None
-
-    def __init__(self, code: int, phrase: bytes, headers: Headers) -> None:
-        self.code = code
-        self.phrase = phrase
+    def __init__(self, status: int, reason: bytes, headers: RawHeaders, has_body: bool) -> None:
+        self.status = status
+        self.reason = reason
         self.headers = headers
-        self.protocol = None
-        self.transport = StringTransport()
+        lengths = [v for n, v in headers if n.lower() == b"content-length"]
+        self.length: int | None = int(lengths[0]) if lengths else None
+        self.has_body = has_body
+        self.producer = FakeProducer()
+        self.sink: ResponseSink | None = None
+        self.aborted = False
 
-    def deliverBody(self, protocol: object) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
+    def deliver(self, sink: ResponseSink) -> None:
+        self.sink = sink
+        if not self.has_body:
+            sink.body_done()
 
-    def setPreviousResponse(self, response: object) -> None:
-        self.previousResponse = response
+    def abort(self) -> None:
+        self.aborted = True
+        self.sink = None
 
     def send(self, data: bytes) -> None:
         """The upstream sends a piece of the body."""
-        self.protocol.dataReceived(data)
+        assert self.sink is not None, "nobody takes this body"
+        self.sink.body_received([data], None)
 
     def end(self, reason: Exception | None = None) -> None:
         """The upstream body ends: completely, or with ``reason``."""
-        self.protocol.connectionLost(Failure(reason or ResponseDone()))
+        assert self.sink is not None, "nobody takes this body"
+        sink, self.sink = self.sink, None
+        if reason is None:
+            sink.body_done()
+        else:
+            sink.body_failed(reason)
 
 
 @attrs.define
-class AgentCall:
+class UpstreamCall:
     """One request the proxy made upstream, and the Deferred it waits on."""
 
     method: bytes
-    url: bytes
-    headers: Headers
-    body: IBodyProducer | None
-    deferred: Deferred[IResponse] = attrs.field(init=False)
+    head: bytes
+    body: RequestBody
+    deferred: Deferred[Any] = attrs.field(init=False)
     cancelled: bool = False
+    response: FakeResponse | None = None
 
     def __attrs_post_init__(self) -> None:
         self.deferred = Deferred(self._cancel)
 
-    def _cancel(self, d: Deferred[IResponse]) -> None:
+    def _cancel(self, d: Deferred[Any]) -> None:
         self.cancelled = True
+
+    @property
+    def request_line(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
+
+    @property
+    def raw_headers(self) -> RawHeaders:
+        """The head's fields, in order."""
+        lines = self.head.split(b"\r\n")[1:]
+        return [
+            (line.partition(b":")[0], line.partition(b":")[2].strip()) for line in lines if line
+        ]
+
+    @property
+    def headers(self) -> Headers:
+        """The head's fields."""
+        headers = Headers()
+        for name, value in self.raw_headers:
+            headers.addRawHeader(name, value)
+        return headers
+
+    @property
+    def url(self) -> bytes:
+        """The URL the request was for: ``http://`` + its ``Host`` + its target."""
+        target = self.request_line.split(b" ")[1]
+        host = self.headers.getRawHeaders(b"host")
+        assert host, "no Host header"
+        return b"http://" + host[0] + target
+
+    @property
+    def sent_body(self) -> bytes:
+        return body_bytes(self.body)
 
     def respond(
         self,
         code: int = 200,
-        headers: dict[bytes, list[bytes]] | None = None,
+        headers: dict[bytes, list[bytes]] | Iterable[tuple[bytes, bytes]] | None = None,
         phrase: bytes = b"OK",
     ) -> FakeResponse:
         """The upstream answers with response headers; the body follows."""
-        response = FakeResponse(code, phrase, Headers(headers or {}))
-        self.deferred.callback(response)
-        return response
+        if isinstance(headers, dict):
+            raw = [(name, value) for name, values in headers.items() for value in values]
+        else:
+            raw = list(headers or ())
+        has_body = self.method != b"HEAD" and code not in (204, 304)
+        self.response = FakeResponse(code, phrase, raw, has_body)
+        self.deferred.callback(self.response)
+        return self.response
 
 
-@implementer(IAgent)
-class FakeAgent:
-    """Records every request; each one waits until the test answers it."""
+class FakeUpstream:
+    """An ``UpstreamClient`` that records every request; each waits until the test answers."""
 
     def __init__(self) -> None:
-        self.calls: list[AgentCall] = []
+        self.calls: list[UpstreamCall] = []
+        self.closed = False
 
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        call = AgentCall(method, uri, headers if headers is not None else Headers(), bodyProducer)
+    def request(self, method: bytes, head: bytes, body: RequestBody) -> Deferred[Any]:
+        call = UpstreamCall(method, head, body)
         self.calls.append(call)
         return call.deferred
 
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return Deferred.fromCoroutine(_nothing())
+
     @property
-    def last(self) -> AgentCall:
+    def last(self) -> UpstreamCall:
         assert self.calls, "the proxy made no upstream request"
         return self.calls[-1]
+
+
+async def _nothing() -> None:
+    return None
 
 
 @attrs.frozen
@@ -161,6 +219,7 @@ class ParsedResponse:
     headers: Headers
     body: bytes
     complete: bool
+    raw_headers: RawHeaders = attrs.field(factory=list)
 
     def header(self, name: bytes) -> bytes | None:
         values = self.headers.getRawHeaders(name)
@@ -173,9 +232,11 @@ def parse_response(raw: bytes) -> ParsedResponse:
     assert separator, f"no complete response head in {raw!r}"
     status_line, *lines = head.split(b"\r\n")
     headers = Headers()
+    raw_headers = []
     for line in lines:
         name, _, value = line.partition(b":")
         headers.addRawHeader(name.strip(), value.strip())
+        raw_headers.append((name.strip(), value.strip()))
     status = int(status_line.split(b" ")[1])
     if headers.getRawHeaders(b"transfer-encoding") == [b"chunked"]:
         body, complete = _dechunk(rest)
@@ -183,7 +244,7 @@ def parse_response(raw: bytes) -> ParsedResponse:
         length = headers.getRawHeaders(b"content-length")
         size = int(length[0]) if length else len(rest)
         body, complete = rest[:size], len(rest) >= size
-    return ParsedResponse(status, headers, body, complete)
+    return ParsedResponse(status, headers, body, complete, raw_headers)
 
 
 def _dechunk(data: bytes) -> tuple[bytes, bool]:
@@ -192,7 +253,7 @@ def _dechunk(data: bytes) -> tuple[bytes, bool]:
         size_line, separator, data = data.partition(b"\r\n")
         if not separator:
             return b"".join(body), False
-        size = int(size_line, 16)
+        size = int(size_line.split(b";")[0], 16)
         if size == 0:
             return b"".join(body), True
         body.append(data[:size])
@@ -200,11 +261,11 @@ def _dechunk(data: bytes) -> tuple[bytes, bool]:
 
 
 class ClientConnection:
-    """One client connection to ``site``, over a ``StringTransport``."""
+    """One client connection to a server ``factory``, over a ``StringTransport``."""
 
-    def __init__(self, site: Site, peer: IPv4Address = CLIENT_ADDRESS) -> None:
+    def __init__(self, factory: Factory, peer: IPv4Address = CLIENT_ADDRESS) -> None:
         self.transport = StringTransport(peerAddress=peer)
-        self.protocol = site.buildProtocol(None)
+        self.protocol = factory.buildProtocol(None)
         self.protocol.makeConnection(self.transport)
 
     def send(self, raw: bytes) -> None:
@@ -235,5 +296,19 @@ class ClientConnection:
 
     @property
     def aborted(self) -> bool:
-        """Whether the proxy aborted the client connection."""
-        return bool(self.transport.disconnected)
+        """Whether the proxy aborted (or closed) the client connection."""
+        return bool(self.transport.disconnected or self.transport.disconnecting)
+
+
+__all__ = [
+    "CLIENT_ADDRESS",
+    "BodySource",
+    "ClientConnection",
+    "CollectingSink",
+    "FakeResponse",
+    "FakeUpstream",
+    "ParsedResponse",
+    "UpstreamCall",
+    "body_bytes",
+    "parse_response",
+]

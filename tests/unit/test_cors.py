@@ -8,6 +8,7 @@ import pytest
 from twisted.web.http_headers import Headers
 
 from aiproxy.config import Config
+from aiproxy.core.interfaces import RawHeaders
 from aiproxy.rules.cors import (
     EXPOSED_HEADERS,
     MAX_AGE,
@@ -32,8 +33,8 @@ def policy(**settings: object) -> CorsPolicy:
     return made
 
 
-def headers(**values: bytes) -> Headers:
-    return Headers({name.replace("_", "-").encode(): [v] for name, v in values.items()})
+def headers(**values: bytes) -> RawHeaders:
+    return [(name.replace("_", "-").encode(), v) for name, v in values.items()]
 
 
 # --- The pure rules --------------------------------------------------------------------
@@ -168,36 +169,96 @@ def test_preflight_headers(
     assert preflight_headers(policy(**settings), headers(**values)) == expected
 
 
+DATE = (b"Date", b"d")
+TYPE = (b"Content-Type", b"application/json")
+
+
 @pytest.mark.parametrize(
-    ("vary", "expected"),
+    ("response", "expected"),
     [
-        (None, [b"Origin"]),
-        ([b"Accept-Encoding"], [b"Accept-Encoding, Origin"]),
-        ([b"accept-encoding, origin"], [b"accept-encoding, origin"]),
-        ([b"*"], [b"*"]),
+        ([DATE, TYPE], [DATE, TYPE, (b"Vary", b"Origin")]),
+        (
+            [DATE, (b"Vary", b"Accept-Encoding"), TYPE],
+            [DATE, (b"Vary", b"Accept-Encoding, Origin"), TYPE],
+        ),
+        ([(b"vary", b"accept-encoding, origin")], [(b"vary", b"accept-encoding, origin")]),
+        ([(b"Vary", b"*")], [(b"Vary", b"*")]),
+        # Several Vary fields: left alone when one names Origin, else joined in the first.
+        ([(b"Vary", b"A"), (b"Vary", b"Origin")], [(b"Vary", b"A"), (b"Vary", b"Origin")]),
+        (
+            [DATE, (b"vary", b"A"), (b"Vary", b" "), TYPE, (b"VARY", b"B")],
+            [DATE, (b"vary", b"A, B, Origin"), TYPE],
+        ),
     ],
 )
-def test_vary_is_merged_not_repeated(vary: list[bytes] | None, expected: list[bytes]) -> None:
-    response = Headers({b"Vary": vary} if vary else {})
+def test_vary_is_merged_not_repeated(response: RawHeaders, expected: RawHeaders) -> None:
     add_response_headers(response, [(b"Vary", b"Origin")])
-    assert response.getRawHeaders(b"vary") == expected
+    assert response == expected
+
+
+def test_several_vary_names_join_in_one_field() -> None:
+    response: RawHeaders = [(b"Vary", b"Access-Control-Request-Method")]
+    add_response_headers(
+        response,
+        [
+            (b"Vary", b"Origin"),
+            (b"Vary", b"Access-Control-Request-Method"),
+            (b"Vary", b"Access-Control-Request-Headers"),
+        ],
+    )
+    assert response == [
+        (b"Vary", b"Access-Control-Request-Method, Origin, Access-Control-Request-Headers")
+    ]
 
 
 def test_upstream_cors_headers_are_replaced() -> None:
-    response = Headers(
-        {
-            b"Access-Control-Allow-Origin": [b"https://upstream.example", b"*"],
-            b"Access-Control-Allow-Credentials": [b"true"],
-            b"Access-Control-Expose-Headers": [b"X-Upstream"],
-            b"Content-Type": [b"application/json"],
-        }
-    )
+    response = [
+        (b"Access-Control-Allow-Origin", b"https://upstream.example"),
+        (b"Content-Type", b"application/json"),
+        (b"access-control-allow-origin", b"*"),
+        (b"ACCESS-CONTROL-ALLOW-CREDENTIALS", b"true"),
+        (b"Access-Control-Expose-Headers", b"X-Upstream"),
+        (b"x-upstream", b"1"),
+    ]
+    same = response
     add_response_headers(response, response_headers(policy(), APP))
-    assert dict(response.getAllRawHeaders()) == {
-        b"Access-Control-Allow-Origin": [b"*"],
-        b"Access-Control-Expose-Headers": [EXPOSED_HEADERS],
-        b"Content-Type": [b"application/json"],
-    }
+    assert response is same
+    assert response == [
+        (b"Content-Type", b"application/json"),
+        (b"x-upstream", b"1"),
+        (b"Access-Control-Allow-Origin", b"*"),
+        (b"Access-Control-Expose-Headers", EXPOSED_HEADERS),
+    ]
+
+
+def test_disallowed_origin_drops_upstream_cors_headers() -> None:
+    response = [(b"access-control-allow-origin", b"*"), (b"Vary", b"Accept")]
+    add_response_headers(response, response_headers(policy(**LISTED), OTHER))
+    assert response == [(b"Vary", b"Accept, Origin")]
+
+
+def test_added_fields_replace_same_named_ones_in_any_case() -> None:
+    response = [
+        (b"access-control-max-age", b"5"),
+        (b"X-A", b"1"),
+        (b"Access-Control-Max-Age", b"6"),
+    ]
+    add_response_headers(response, [(b"Access-Control-Max-Age", b"600")])
+    assert response == [(b"X-A", b"1"), (b"Access-Control-Max-Age", b"600")]
+
+
+def test_preflight_headers_read_request_fields_in_any_case() -> None:
+    request = [
+        (b"origin", APP),
+        (b"ACCESS-CONTROL-REQUEST-METHOD", b" PATCH "),
+        (b"access-control-request-headers", b"a"),
+        (b"Access-Control-Request-Headers", b"b"),
+    ]
+    assert is_preflight(b"OPTIONS", request)
+    assert preflight_headers(policy(), request)[:2] == [
+        (b"Access-Control-Allow-Methods", b"PATCH"),
+        (b"Access-Control-Allow-Headers", b"a, b"),
+    ]
 
 
 # --- The proxy, over a fake upstream ---------------------------------------------------
@@ -223,7 +284,7 @@ def test_preflight_is_answered_and_not_forwarded() -> None:
         b"Access-Control-Request-Method, Access-Control-Request-Headers"
     ]
     assert_stamped(response)
-    assert proxy.agent.calls == []
+    assert proxy.upstream.calls == []
 
 
 def test_preflight_at_an_own_endpoint_is_answered_too() -> None:
@@ -243,7 +304,7 @@ def test_preflight_from_a_disallowed_origin_is_403_without_cors_headers() -> Non
     assert error_of(response)["type"] == "origin_not_allowed"
     assert not [n for n, _ in response.headers.getAllRawHeaders() if n.startswith(b"Access-")]
     assert response.header(b"vary") == b"Origin"
-    assert proxy.agent.calls == []
+    assert proxy.upstream.calls == []
 
 
 @pytest.mark.parametrize(
@@ -254,11 +315,11 @@ def test_preflight_from_a_disallowed_origin_is_403_without_cors_headers() -> Non
 def test_other_options_requests_are_forwarded(extra: list[tuple[bytes, bytes]]) -> None:
     proxy = start_proxy()
     proxy.client.request(b"OPTIONS", b"/v1/models", extra)
-    assert proxy.agent.last.method == b"OPTIONS"
+    assert proxy.upstream.last.method == b"OPTIONS"
 
 
 def _proxied(proxy: Proxy, upstream: dict[bytes, list[bytes]] | None = None) -> Headers:
-    proxy.agent.last.respond(200, upstream or {b"Content-Type": [b"application/json"]}).end()
+    proxy.upstream.last.respond(200, upstream or {b"Content-Type": [b"application/json"]}).end()
     return proxy.client.response().headers
 
 
@@ -352,7 +413,7 @@ def test_too_large_body_refusal_gets_the_headers() -> None:
 def test_disabled_adds_nothing_and_forwards_preflights() -> None:
     proxy = start_proxy(enable_cors=False)
     proxy.client.request(b"OPTIONS", b"/v1/models", PREFLIGHT)
-    call = proxy.agent.last
+    call = proxy.upstream.last
     assert call.method == b"OPTIONS"
     assert call.headers.getRawHeaders(b"access-control-request-method") == [b"POST"]
     seen = _proxied(proxy, {b"Access-Control-Allow-Origin": [b"https://upstream.example"]})

@@ -66,7 +66,7 @@ def fetch(
     """One request to a fresh aiproxy built from ``Config(**settings)``; no upstream call."""
     proxy = start_proxy(**settings)
     proxy.client.request(method, target, headers or [])
-    assert proxy.agent.calls == [], "a docs request reached the upstream"
+    assert proxy.upstream.calls == [], "a docs request reached the upstream"
     return proxy.client.response()
 
 
@@ -290,7 +290,7 @@ def test_paths_near_the_docs_go_to_the_upstream(path: bytes) -> None:
     """Only the exact docs paths are aiproxy's; /api/docs/ and the like are proxied."""
     proxy = start_proxy()
     proxy.client.request(b"GET", path)
-    assert proxy.agent.last.url == TARGET_URL.encode() + path
+    assert proxy.upstream.last.url == TARGET_URL.encode() + path
 
 
 @pytest.mark.parametrize(
@@ -300,7 +300,7 @@ def test_docs_can_be_switched_off(path: bytes) -> None:
     """With ``ENABLE_DOCS=false`` the docs paths are the upstream's, like any other."""
     proxy = start_proxy(enable_docs=False)
     proxy.client.request(b"GET", path)
-    assert proxy.agent.last.url == TARGET_URL.encode() + path
+    assert proxy.upstream.last.url == TARGET_URL.encode() + path
 
 
 # --- The OpenAPI document -----------------------------------------------------------

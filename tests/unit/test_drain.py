@@ -1,6 +1,6 @@
 """
-Graceful drain, as clients and the upstream see it: aiproxy's site over fake
-connections, a fake upstream agent and a fake clock.
+Graceful drain, as clients and the upstream see it: aiproxy's HTTP/1.1 server over fake
+connections, a fake upstream and a fake clock.
 """
 
 from __future__ import annotations
@@ -13,28 +13,30 @@ import attrs
 import pytest
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.logger import LogEvent, capturedLogs, formatEvent
-from twisted.web.server import Site
 
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
+from aiproxy.core.build import build_core
 from aiproxy.run.drain import POLL_INTERVAL, DrainService
 from aiproxy.run.service import PoolService, SequentialMultiService
 from aiproxy.run.tap import build_service
-from aiproxy.site import build_resource, build_site
+from aiproxy.server.http1 import ClientLimits, HTTP11Factory
 
-from .fakes import CLIENT_ADDRESS, FakeAgent, ParsedResponse, parse_response
+from .fakes import CLIENT_ADDRESS, FakeUpstream, ParsedResponse, parse_response
+from .test_tap import idle_upstream_connection
 
 TARGET_URL = "http://upstream.example:9000"
 GRACEFUL_TIMEOUT = 30.0
 
 
 class Client:
-    """One client connection to a site; closing either end is seen by the other."""
+    """One client connection to a server; closing either end is seen by the other."""
 
-    def __init__(self, site: Site) -> None:
+    def __init__(self, site: Factory) -> None:
         self.transport = StringTransportWithDisconnection(peerAddress=CLIENT_ADDRESS)
         self.protocol = site.buildProtocol(None)
         self.transport.protocol = self.protocol
@@ -79,12 +81,12 @@ class Listener(Service):
 
 @attrs.define
 class Proxy:
-    """aiproxy's site, its activity, and a drain service with one listener."""
+    """aiproxy's server, its activity, and a drain service with one listener."""
 
     clock: Clock
-    agent: FakeAgent
+    agent: FakeUpstream
     activity: Activity
-    site: Site
+    site: Factory
     drain: DrainService
     events: list[str]
 
@@ -99,10 +101,11 @@ class Proxy:
 
 
 def start_proxy(graceful_timeout: float = GRACEFUL_TIMEOUT) -> Proxy:
-    """aiproxy's site over a fake agent and clock, under a started drain service."""
-    clock, agent, activity = Clock(), FakeAgent(), Activity()
+    """aiproxy's server over a fake upstream and clock, under a started drain service."""
+    clock, agent, activity = Clock(), FakeUpstream(), Activity()
     config = Config(target_url=TARGET_URL, request_timeout=300)
-    site = build_site(build_resource(config, agent, clock, activity), clock, activity)
+    core = build_core(config, agent, clock, activity)
+    site = HTTP11Factory(core, clock, activity, ClientLimits.from_config(config))
     drain = DrainService(activity, clock, graceful_timeout)
     events: list[str] = []
     Listener(events).setServiceParent(drain)
@@ -246,7 +249,7 @@ def test_requests_still_in_flight_after_the_graceful_timeout_are_aborted(
 
     assert streaming.aborted and waiting.aborted
     assert not streaming.response().complete
-    assert upstream.transport.producerState == "stopped"  # the upstream body was dropped
+    assert upstream.aborted  # the upstream body was dropped
     assert proxy.agent.last.cancelled  # the request still waiting for headers
     assert stopped.called
     assert proxy.activity.requests == set()
@@ -335,42 +338,28 @@ def test_services_stop_one_after_another_last_added_first() -> None:
     assert not top.running
 
 
-class IdleUpstreamConnection:
-    """A pooled upstream connection that records being closed."""
-
-    state = "QUIESCENT"
-
-    def __init__(self) -> None:
-        self.closed = False
-
-    def abort(self) -> Deferred[None]:
-        self.closed = True
-        return succeed(None)
-
-
 def test_twist_service_stops_listening_then_drains_then_closes_the_pool() -> None:
     """The service ``twist aiproxy`` runs stops listening at once, keeps the upstream
     pool open while a request is in flight, and closes it after the drain ends."""
     reactor = MemoryReactorClock()
-    config = Config(target_url=TARGET_URL, listen=("tcp:8080",), graceful_timeout=10)
+    config = Config(target_url="http://192.0.2.1", listen=("tcp:8080",), graceful_timeout=10)
     service = build_service(config, reactor)
     service.startService()
     [(_, site, _, _)] = reactor.tcpServers
     [pool_service] = [s for s in service if isinstance(s, PoolService)]
     [drain] = [s for s in service if isinstance(s, DrainService)]
-    idle_upstream = IdleUpstreamConnection()
-    pool_service.pool._putConnection(("key",), idle_upstream)
+    idle_upstream = idle_upstream_connection(reactor, pool_service.pool)
     client = Client(site)
     client.get(b"/v1/models")  # connects upstream through the memory reactor: no answer
 
     stopped = service.stopService()
     assert [listener.running for listener in drain] == [False]
     reactor.advance(9)
-    assert not idle_upstream.closed
+    assert idle_upstream.connected
     assert not client.closed
     reactor.advance(1)
 
     assert client.aborted
-    assert idle_upstream.closed
+    assert not idle_upstream.connected
     assert stopped.called
     assert reactor.getDelayedCalls() == []

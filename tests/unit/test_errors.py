@@ -1,114 +1,142 @@
-"""How a failed upstream request becomes a status and a JSON error body."""
+"""
+How a failed upstream request becomes a metrics label, a status and JSON error body, and
+a retry rule: the one classification of :mod:`aiproxy.core.failures`.
+"""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from OpenSSL import SSL
-from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
+from aiproxy.core.failures import Retry, classify, describe
 from aiproxy.errors import (
     BadRequestTarget,
+    BodyTooLarge,
     InternalError,
     MethodNotAllowed,
     ProxyError,
     UpstreamTimeout,
     UpstreamUnreachable,
-    describe_exception,
     error_body,
-    upstream_error,
 )
-
-
-def failure_of(exception: BaseException) -> Failure:
-    try:
-        raise exception
-    except BaseException:
-        return Failure()
+from aiproxy.upstream.errors import (
+    BadResponse,
+    BodyIncomplete,
+    ConnectFailed,
+    LostBeforeResponse,
+    StaleConnection,
+)
 
 
 @pytest.mark.parametrize(
-    ("exception", "message"),
+    ("failure", "kind", "status", "retry", "message"),
     [
         (
-            neterror.ConnectionRefusedError(),
-            "cannot connect to the upstream: ConnectionRefusedError",
-        ),
-        (neterror.ConnectError("boom"), "cannot connect to the upstream: ConnectError"),
-        (neterror.DNSLookupError("no.such.host"), "cannot connect to the upstream: DNSLookupError"),
-        (neterror.TimeoutError(), "cannot connect to the upstream: TimeoutError"),
-        (
-            SSL.Error([("SSL routines", "", "certificate verify failed")]),
-            "cannot connect to the upstream: Error: ",
+            ConnectFailed("Connection was refused by other side"),
+            "connect",
+            502,
+            Retry.ALWAYS,
+            "cannot connect to the upstream: Connection was refused by other side",
         ),
         (
-            ResponseNeverReceived([failure_of(neterror.ConnectionDone())]),
-            "the upstream failed before responding: ConnectionDone",
+            ConnectFailed("no address for upstream.invalid", "dns"),
+            "dns",
+            502,
+            Retry.ALWAYS,
+            "cannot connect to the upstream: no address for upstream.invalid",
         ),
         (
-            ResponseFailed([failure_of(neterror.ConnectionLost())]),
-            "the upstream failed before responding: ConnectionLost",
+            ConnectFailed("certificate verify failed", "tls"),
+            "tls",
+            502,
+            Retry.NEVER,
+            "cannot connect to the upstream: certificate verify failed",
         ),
-        (neterror.ConnectionLost(), "the upstream failed before responding: ConnectionLost"),
-        (CancelledError(), "the upstream failed before responding: CancelledError"),
-    ],
-    ids=[
-        "refused",
-        "connect-error",
-        "dns",
-        "connect-timeout",
-        "tls",
-        "never-received",
-        "failed",
-        "lost",
-        "cancelled",
+        (
+            StaleConnection("closed before any response byte"),
+            "connection_lost",
+            502,
+            Retry.ALWAYS,
+            "the upstream closed the connection: closed before any response byte",
+        ),
+        (
+            LostBeforeResponse("connection reset"),
+            "connection_lost",
+            502,
+            Retry.IDEMPOTENT,
+            "the upstream failed before responding: connection reset",
+        ),
+        (
+            BadResponse("a control byte in the reason phrase"),
+            "invalid_response",
+            502,
+            Retry.NEVER,
+            "the upstream sent an invalid response: a control byte in the reason phrase",
+        ),
+        (
+            UpstreamTimeout("no response headers within 5s"),
+            "timeout",
+            504,
+            Retry.NEVER,
+            "no response headers within 5s",
+        ),
     ],
 )
-def test_network_failures_are_502_upstream_unreachable(exception: Exception, message: str) -> None:
-    """Connection, DNS, connect-timeout, TLS and exchange failures answer 502 with the cause."""
-    error = upstream_error(failure_of(exception))
-    assert isinstance(error, UpstreamUnreachable)
-    assert (error.status, error.type) == (502, "upstream_unreachable")
-    assert error.message.startswith(message)
-
-
-def test_connection_refused_message_names_the_cause() -> None:
-    """The 502 message says why the upstream could not be reached."""
-    error = upstream_error(failure_of(neterror.ConnectionRefusedError()))
-    assert "ConnectionRefusedError" in error.message
-
-
-def test_wrapped_reasons_are_described() -> None:
-    """Twisted's lists of reasons are unwrapped into the message."""
-    exception = ResponseNeverReceived([failure_of(neterror.ConnectionLost("reset by peer"))])
-    assert "ConnectionLost" in upstream_error(failure_of(exception)).message
+def test_upstream_failures_are_classified_in_one_place(
+    failure: Exception, kind: str, status: int, retry: Retry, message: str
+) -> None:
+    """Each upstream failure has its metrics label, status, message and retry rule."""
+    verdict = classify(failure)
+    assert (verdict.kind, verdict.error.status, verdict.retry) == (kind, status, retry)
+    assert verdict.error.message == message
 
 
 @pytest.mark.parametrize(
-    "error",
+    ("rule", "method", "allowed"),
     [
-        UpstreamTimeout("the upstream sent no response headers within 5s"),
-        BadRequestTarget("nope"),
-        MethodNotAllowed("no CONNECT"),
-        UpstreamUnreachable("already decided"),
+        (Retry.ALWAYS, b"POST", True),
+        (Retry.IDEMPOTENT, b"GET", True),
+        (Retry.IDEMPOTENT, b"PUT", True),
+        (Retry.IDEMPOTENT, b"POST", False),
+        (Retry.IDEMPOTENT, b"PATCH", False),
+        (Retry.NEVER, b"GET", False),
     ],
 )
-def test_proxy_errors_pass_through(error: ProxyError) -> None:
-    """An error aiproxy already decided on (such as its own timeout) is answered as is."""
-    assert upstream_error(failure_of(error)) is error
+def test_retry_rules_by_method(rule: Retry, method: bytes, allowed: bool) -> None:
+    """A POST that may have reached the upstream is never sent twice; a GET may be."""
+    assert rule.allows(method) is allowed
+
+
+def test_the_clients_own_errors_are_not_the_upstreams() -> None:
+    """A body refused while it streams upstream is the client's error: no upstream label."""
+    verdict = classify(BodyTooLarge("the request body is larger than the limit"))
+    assert (verdict.kind, verdict.error.status, verdict.retry) == (None, 413, Retry.NEVER)
+
+
+def test_a_cancellation_is_never_retried() -> None:
+    """A cancelled attempt (the client left) is not counted against the upstream."""
+    verdict = classify(CancelledError())
+    assert (verdict.kind, verdict.retry) == (None, Retry.NEVER)
 
 
 @pytest.mark.parametrize("exception", [ValueError("bug"), KeyError("k"), ZeroDivisionError()])
 def test_other_exceptions_are_500_internal_error(exception: Exception) -> None:
     """Anything unexpected is a 500 internal_error that reveals nothing of the bug."""
-    error = upstream_error(failure_of(exception))
-    assert isinstance(error, InternalError)
-    assert (error.status, error.type) == (500, "internal_error")
-    assert error.message == "aiproxy failed to handle this request"
+    verdict = classify(exception)
+    assert isinstance(verdict.error, InternalError)
+    assert (verdict.kind, verdict.error.status, verdict.error.type) == (
+        "internal",
+        500,
+        "internal_error",
+    )
+    assert verdict.error.message == "aiproxy failed to handle this request"
+
+
+def test_body_incomplete_is_labelled() -> None:
+    """A body cut by the upstream counts as body_incomplete."""
+    assert classify(BodyIncomplete("cut")).kind == "body_incomplete"
 
 
 @pytest.mark.parametrize(
@@ -151,19 +179,18 @@ def test_error_body_survives_odd_bytes_in_the_request_id() -> None:
     ("exception", "description"),
     [
         (ValueError("bad thing"), "ValueError: bad thing"),
-        (neterror.ConnectionDone(), "ConnectionDone: Connection was closed cleanly."),
         (CancelledError(), "CancelledError"),
-        (
-            ResponseNeverReceived([failure_of(ValueError("a")), failure_of(KeyError("b"))]),
-            "ValueError: a; KeyError: 'b'",
-        ),
+        (ConnectFailed("refused"), "refused"),
         (
             ValueError("GET http://h/v1?api_key=sk-proj-0123456789abcdefXYZ failed"),
             "ValueError: GET http://h/v1?api_key=[REDACTED] failed",
         ),
+        (
+            LostBeforeResponse("reset while sending Bearer sk-proj-0123456789abcdefXYZ"),
+            "reset while sending Bearer [REDACTED]",
+        ),
     ],
 )
-def test_describe_exception(exception: BaseException, description: str) -> None:
-    """Exceptions are described on one line, with twisted's reason lists unwrapped and
-    secrets redacted."""
-    assert describe_exception(exception) == description
+def test_describe(exception: BaseException, description: str) -> None:
+    """Exceptions are described on one line, secrets redacted."""
+    assert describe(exception) == description

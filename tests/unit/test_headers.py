@@ -5,14 +5,19 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
-from twisted.web.http_headers import Headers
 
+from aiproxy.core.interfaces import RawHeaders
 from aiproxy.rules.headers import (
     HOP_BY_HOP,
     choose_request_id,
     client_response_headers,
+    connection_tokens,
     end_to_end,
+    has_header,
+    header_values,
+    is_event_stream,
     original_client,
+    request_head,
     upstream_request_headers,
 )
 
@@ -29,25 +34,27 @@ HOP_BY_HOP_NAMES = [
 ]
 
 
-def headers(*pairs: tuple[bytes, bytes]) -> Headers:
-    """Headers with each (name, value) added in order, repeats kept."""
-    result = Headers()
-    for name, value in pairs:
-        result.addRawHeader(name, value)
-    return result
+def headers(*pairs: tuple[bytes, bytes]) -> RawHeaders:
+    """Header fields: each (name, value) in order, repeats kept."""
+    return list(pairs)
 
 
-def forward(incoming: Headers, request_id: bytes = b"req-1") -> Headers:
+def forward(incoming: RawHeaders, request_id: bytes = b"req-1") -> RawHeaders:
     return upstream_request_headers(
         incoming, client_ip=b"203.0.113.7", scheme=b"https", request_id=request_id
     )
 
 
-def respond(upstream: Headers) -> Headers:
-    result = Headers()
-    for name, values in client_response_headers(upstream):
-        result.setRawHeaders(name, values)
-    return result
+def respond(upstream: RawHeaders) -> RawHeaders:
+    return client_response_headers(upstream)
+
+
+FORWARDING = {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
+
+
+def passed(fields: RawHeaders) -> RawHeaders:
+    """The fields but those the proxy adds upstream."""
+    return [field for field in fields if field[0].lower() not in FORWARDING]
 
 
 def test_hop_by_hop_set_is_rfc_9110() -> None:
@@ -59,16 +66,16 @@ def test_hop_by_hop_set_is_rfc_9110() -> None:
 def test_hop_by_hop_headers_are_not_sent_upstream(name: bytes) -> None:
     """A hop-by-hop request header never reaches the upstream."""
     sent = forward(headers((name, b"value"), (b"Accept", b"*/*")))
-    assert not sent.hasHeader(name)
-    assert sent.getRawHeaders(b"accept") == [b"*/*"]
+    assert not has_header(sent, name.lower())
+    assert header_values(sent, b"accept") == [b"*/*"]
 
 
 @pytest.mark.parametrize("name", HOP_BY_HOP_NAMES)
 def test_hop_by_hop_headers_are_not_sent_to_the_client(name: bytes) -> None:
     """A hop-by-hop response header never reaches the client."""
     returned = respond(headers((name, b"value"), (b"Content-Type", b"application/json")))
-    assert not returned.hasHeader(name)
-    assert returned.getRawHeaders(b"content-type") == [b"application/json"]
+    assert not has_header(returned, name.lower())
+    assert header_values(returned, b"content-type") == [b"application/json"]
 
 
 @pytest.mark.parametrize(
@@ -84,33 +91,39 @@ def test_hop_by_hop_headers_are_not_sent_to_the_client(name: bytes) -> None:
 )
 def test_headers_named_in_connection_are_dropped_both_ways(connection: list[bytes]) -> None:
     """Headers that Connection names are dropped: any case, comma lists, repeated Connection."""
-    incoming = Headers({b"Connection": connection, b"X-Secret": [b"s"], b"X-Kept": [b"k"]})
-    for result in (forward(incoming), respond(incoming)):
-        assert not result.hasHeader(b"x-secret")
-        assert not result.hasHeader(b"connection")
-        assert result.getRawHeaders(b"x-kept") == [b"k"]
+    incoming = [
+        (b"X-Secret", b"s"),
+        *((b"Connection", value) for value in connection),
+        (b"X-Kept", b"k"),
+    ]
+    for result in (forward(incoming), respond(incoming), end_to_end(incoming)):
+        assert not has_header(result, b"x-secret")
+        assert not has_header(result, b"connection")
+        assert header_values(result, b"x-kept") == [b"k"]
 
 
 def test_end_to_end_also_drops_the_names_given() -> None:
     """end_to_end leaves out the extra lower-case names it is given."""
-    kept = dict(end_to_end(headers((b"A", b"1"), (b"B", b"2")), frozenset({b"a"})))
-    assert {name.lower(): values for name, values in kept.items()} == {b"b": [b"2"]}
+    kept = end_to_end(headers((b"A", b"1"), (b"B", b"2"), (b"a", b"3")), frozenset({b"a"}))
+    assert kept == [(b"B", b"2")]
 
 
 def test_repeated_headers_keep_every_value_in_order() -> None:
     """Repeated headers reach the other side with every value, in order, both ways."""
     incoming = headers(
-        (b"Accept", b"text/plain"), (b"Set-Cookie", b"a=1"), (b"Accept", b"application/json")
+        (b"Accept", b"text/plain"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Accept", b"application/json"),
+        (b"Set-Cookie", b"b=2"),
     )
-    incoming.addRawHeader(b"Set-Cookie", b"b=2")
     for result in (forward(incoming), respond(incoming)):
-        assert result.getRawHeaders(b"accept") == [b"text/plain", b"application/json"]
-        assert result.getRawHeaders(b"set-cookie") == [b"a=1", b"b=2"]
+        assert header_values(result, b"accept") == [b"text/plain", b"application/json"]
+        assert header_values(result, b"set-cookie") == [b"a=1", b"b=2"]
 
 
 def test_x_forwarded_for_starts_a_chain() -> None:
     """Without an incoming X-Forwarded-For, the upstream sees the client's address."""
-    assert forward(Headers()).getRawHeaders(b"x-forwarded-for") == [b"203.0.113.7"]
+    assert header_values(forward([]), b"x-forwarded-for") == [b"203.0.113.7"]
 
 
 @pytest.mark.parametrize(
@@ -123,35 +136,34 @@ def test_x_forwarded_for_starts_a_chain() -> None:
 )
 def test_x_forwarded_for_appends_to_the_chain(incoming: list[bytes], expected: bytes) -> None:
     """The client's address is appended to an existing X-Forwarded-For chain, as one header."""
-    sent = forward(Headers({b"X-Forwarded-For": incoming}))
-    assert sent.getRawHeaders(b"x-forwarded-for") == [expected]
+    sent = forward([(b"X-Forwarded-For", value) for value in incoming])
+    assert header_values(sent, b"x-forwarded-for") == [expected]
 
 
 def test_x_forwarded_proto_and_host() -> None:
     """The upstream learns the scheme and Host the client used, replacing any it sent."""
     sent = forward(
-        Headers(
-            {
-                b"Host": [b"proxy.example:8080"],
-                b"X-Forwarded-Proto": [b"gopher"],
-                b"X-Forwarded-Host": [b"spoofed.example"],
-            }
-        )
+        [
+            (b"Host", b"proxy.example:8080"),
+            (b"X-Forwarded-Proto", b"gopher"),
+            (b"X-Forwarded-Host", b"spoofed.example"),
+            (b"host", b"second.example"),
+        ]
     )
-    assert sent.getRawHeaders(b"x-forwarded-proto") == [b"https"]
-    assert sent.getRawHeaders(b"x-forwarded-host") == [b"proxy.example:8080"]
+    assert header_values(sent, b"x-forwarded-proto") == [b"https"]
+    assert header_values(sent, b"x-forwarded-host") == [b"proxy.example:8080"]
 
 
 def test_no_x_forwarded_host_without_host() -> None:
     """Without a Host header there is no X-Forwarded-Host."""
-    assert not forward(Headers()).hasHeader(b"x-forwarded-host")
+    assert not has_header(forward([]), b"x-forwarded-host")
 
 
 @pytest.mark.parametrize("name", [b"Host", b"Content-Length", b"Expect"])
 def test_client_framing_headers_are_not_forwarded(name: bytes) -> None:
     """Host, Content-Length and Expect are the HTTP client's to set, not copied from the client."""
     sent = forward(headers((name, b"100-continue" if name == b"Expect" else b"5")))
-    assert not sent.hasHeader(name)
+    assert not has_header(sent, name.lower())
 
 
 @pytest.mark.parametrize(
@@ -167,13 +179,13 @@ def test_client_framing_headers_are_not_forwarded(name: bytes) -> None:
 )
 def test_end_to_end_request_headers_pass_unchanged(name: bytes, value: bytes) -> None:
     """Authorization and other end-to-end headers reach the upstream unchanged."""
-    assert forward(headers((name, value))).getRawHeaders(name) == [value]
+    assert passed(forward(headers((name, value)))) == [(name, value)]
 
 
 def test_request_id_header_is_the_chosen_one() -> None:
     """The upstream gets exactly one X-Request-ID: the proxy's chosen one."""
-    sent = forward(Headers({b"X-Request-ID": [b"a", b"b"]}), request_id=b"chosen")
-    assert sent.getRawHeaders(b"x-request-id") == [b"chosen"]
+    sent = forward([(b"X-Request-ID", b"a"), (b"x-request-id", b"b")], request_id=b"chosen")
+    assert header_values(sent, b"x-request-id") == [b"chosen"]
 
 
 @pytest.mark.parametrize(
@@ -230,56 +242,258 @@ def test_new_request_ids_are_unique_sane_tokens() -> None:
 )
 def test_event_streams_get_anti_buffering_headers(content_type: bytes) -> None:
     """An SSE response gets X-Accel-Buffering: no and Cache-Control: no-cache."""
-    returned = respond(Headers({b"Content-Type": [content_type]}))
-    assert returned.getRawHeaders(b"x-accel-buffering") == [b"no"]
-    assert returned.getRawHeaders(b"cache-control") == [b"no-cache"]
-    assert returned.getRawHeaders(b"content-type") == [content_type]
+    returned = respond([(b"Content-Type", content_type)])
+    assert returned == [
+        (b"Content-Type", content_type),
+        (b"X-Accel-Buffering", b"no"),
+        (b"Cache-Control", b"no-cache"),
+    ]
 
 
 def test_event_stream_headers_set_upstream_are_kept() -> None:
     """The upstream's own X-Accel-Buffering and Cache-Control on an SSE response win."""
-    returned = respond(
-        Headers(
-            {
-                b"Content-Type": [b"text/event-stream"],
-                b"X-Accel-Buffering": [b"yes"],
-                b"Cache-Control": [b"private, max-age=0"],
-            }
-        )
-    )
-    assert returned.getRawHeaders(b"x-accel-buffering") == [b"yes"]
-    assert returned.getRawHeaders(b"cache-control") == [b"private, max-age=0"]
+    upstream = [
+        (b"content-type", b"text/event-stream"),
+        (b"x-accel-buffering", b"yes"),
+        (b"cache-control", b"private, max-age=0"),
+    ]
+    assert respond(upstream) == upstream
 
 
 @pytest.mark.parametrize(
     "upstream",
     [
-        Headers({b"Content-Type": [b"application/json"]}),
-        Headers({b"Content-Type": [b"text/plain"], b"X-Note": [b"text/event-stream"]}),
-        Headers(),
+        [(b"Content-Type", b"application/json")],
+        [(b"Content-Type", b"text/plain"), (b"X-Note", b"text/event-stream")],
+        [(b"Content-Type", b"application/json"), (b"Content-Type", b"text/event-stream")],
+        [],
     ],
 )
-def test_other_responses_get_no_added_headers(upstream: Headers) -> None:
-    """A non-SSE response gets neither X-Accel-Buffering nor Cache-Control."""
-    returned = respond(upstream)
-    assert not returned.hasHeader(b"x-accel-buffering")
-    assert not returned.hasHeader(b"cache-control")
-    assert sorted(returned.getAllRawHeaders()) == sorted(upstream.getAllRawHeaders())
+def test_other_responses_get_no_added_headers(upstream: RawHeaders) -> None:
+    """A non-SSE response (by its first Content-Type) gets the upstream's fields only."""
+    assert respond(upstream) == upstream
 
 
 @pytest.mark.parametrize(
     ("incoming", "expected"),
     [
-        (headers(), None),
+        (headers(), []),
         (headers((b"X-Forwarded-For", b"198.51.100.1")), [b"198.51.100.1"]),
     ],
 )
 def test_peer_without_an_ip_adds_nothing_to_x_forwarded_for(
-    incoming: Headers, expected: list[bytes] | None
+    incoming: RawHeaders, expected: list[bytes]
 ) -> None:
     """A UNIX-socket peer has no address to add; an existing chain passes as it is."""
     sent = upstream_request_headers(incoming, client_ip=None, scheme=b"http", request_id=b"req-1")
-    assert sent.getRawHeaders(b"x-forwarded-for") == expected
+    assert header_values(sent, b"x-forwarded-for") == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "name", "expected"),
+    [
+        ([], b"accept", []),
+        ([(b"Accept", b"a")], b"accept", [b"a"]),
+        (
+            [(b"ACCEPT", b"a"), (b"X", b"x"), (b"accept", b"b"), (b"Accept", b"")],
+            b"accept",
+            [b"a", b"b", b""],
+        ),
+        ([(b"Accept-Encoding", b"gzip"), (b"Accep", b"no")], b"accept", []),
+    ],
+)
+def test_header_values_are_every_value_in_order_in_any_case(
+    fields: RawHeaders, name: bytes, expected: list[bytes]
+) -> None:
+    """header_values finds a field by its lower-case name in any case, every value in order."""
+    assert header_values(fields, name) == expected
+    assert has_header(fields, name) is bool(expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ([], frozenset()),
+        ([(b"Connection", b"close")], {b"close"}),
+        (
+            [(b"connection", b" Keep-Alive , X-Secret,,"), (b"CONNECTION", b"te")],
+            {b"keep-alive", b"x-secret", b"te"},
+        ),
+        ([(b"X-Connection", b"x-secret")], frozenset()),
+    ],
+)
+def test_connection_tokens(fields: RawHeaders, expected: frozenset[bytes]) -> None:
+    """The names Connection lists, lower-case, from every Connection field."""
+    assert connection_tokens(fields) == expected
+
+
+def test_end_to_end_keeps_order_and_case() -> None:
+    """end_to_end passes the remaining fields in their order and case, repeats kept."""
+    fields = [
+        (b"x-b", b"1"),
+        (b"Connection", b"x-gone"),
+        (b"X-A", b"2"),
+        (b"X-GONE", b"3"),
+        (b"transfer-encoding", b"chunked"),
+        (b"x-b", b"4"),
+    ]
+    assert end_to_end(fields) == [(b"x-b", b"1"), (b"X-A", b"2"), (b"x-b", b"4")]
+
+
+def test_upstream_request_headers_keep_order_and_case_and_add_after() -> None:
+    """The client's fields go upstream in their order and case; the proxy's come after them."""
+    incoming = [
+        (b"host", b"proxy.example"),
+        (b"user-agent", b"ua"),
+        (b"X-Forwarded-For", b"198.51.100.1"),
+        (b"AUTHORIZATION", b"Bearer sk"),
+        (b"Content-Length", b"2"),
+        (b"Connection", b"keep-alive"),
+        (b"x-forwarded-for", b"10.0.0.1"),
+        (b"Accept", b"*/*"),
+        (b"x-request-id", b"client-id"),
+        (b"accept", b"text/plain"),
+    ]
+    assert forward(incoming, request_id=b"chosen") == [
+        (b"user-agent", b"ua"),
+        (b"AUTHORIZATION", b"Bearer sk"),
+        (b"Accept", b"*/*"),
+        (b"accept", b"text/plain"),
+        (b"X-Forwarded-For", b"198.51.100.1, 10.0.0.1, 203.0.113.7"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"X-Forwarded-Host", b"proxy.example"),
+        (b"X-Request-ID", b"chosen"),
+    ]
+
+
+def test_connection_cannot_drop_the_forwarding_chain() -> None:
+    """A Connection naming X-Forwarded-For or Host still leaves the chain and host intact."""
+    sent = forward(
+        [
+            (b"Host", b"h"),
+            (b"X-Forwarded-For", b"1.2.3.4"),
+            (b"Connection", b"x-forwarded-for, host"),
+        ]
+    )
+    assert passed(sent) == []
+    assert header_values(sent, b"x-forwarded-for") == [b"1.2.3.4, 203.0.113.7"]
+    assert header_values(sent, b"x-forwarded-host") == [b"h"]
+
+
+def test_client_response_headers_keep_order_and_case() -> None:
+    """The upstream's end-to-end fields reach the client in order and case, Content-Length
+    included; Transfer-Encoding and Connection do not."""
+    upstream = [
+        (b"date", b"Mon"),
+        (b"Content-Type", b"application/json"),
+        (b"transfer-encoding", b"chunked"),
+        (b"content-length", b"12"),
+        (b"Connection", b"keep-alive, X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"set-cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+    ]
+    assert respond(upstream) == [
+        (b"date", b"Mon"),
+        (b"Content-Type", b"application/json"),
+        (b"content-length", b"12"),
+        (b"set-cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+    ]
+
+
+def test_event_stream_headers_are_added_after_the_upstreams() -> None:
+    """An event stream's added fields come after the upstream's, only those it lacks."""
+    upstream = [
+        (b"content-type", b"text/event-stream"),
+        (b"Cache-Control", b"no-store"),
+        (b"x-a", b"1"),
+    ]
+    assert respond(upstream) == [*upstream, (b"X-Accel-Buffering", b"no")]
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ([(b"content-type", b"text/event-stream")], True),
+        ([(b"Content-Type", b"TEXT/EVENT-STREAM;charset=utf-8")], True),
+        ([(b"Content-Type", b"text/event-strea")], False),
+        ([(b"Content-Type", b"application/json"), (b"Content-Type", b"text/event-stream")], False),
+        ([(b"X-Content-Type", b"text/event-stream")], False),
+        ([], False),
+    ],
+)
+def test_is_event_stream_reads_the_first_content_type(fields: RawHeaders, expected: bool) -> None:
+    """A response is an event stream when its first Content-Type is text/event-stream."""
+    assert is_event_stream(fields) is expected
+
+
+FIELDS = [
+    (b"content-type", b"application/json"),
+    (b"Authorization", b"Bearer sk"),
+    (b"x-a", b"1"),
+    (b"X-A", b"2"),
+]
+FIELD_LINES = b"content-type: application/json\r\nAuthorization: Bearer sk\r\nx-a: 1\r\nX-A: 2\r\n"
+
+
+@pytest.mark.parametrize(
+    ("method", "length", "framing"),
+    [
+        (b"POST", 42, b"Content-Length: 42\r\n"),
+        (b"GET", 7, b"Content-Length: 7\r\n"),
+        (b"DELETE", 1, b"Content-Length: 1\r\n"),
+        (b"POST", 0, b"Content-Length: 0\r\n"),
+        (b"PUT", 0, b"Content-Length: 0\r\n"),
+        (b"PATCH", 0, b"Content-Length: 0\r\n"),
+        (b"GET", 0, b""),
+        (b"HEAD", 0, b""),
+        (b"DELETE", 0, b""),
+        (b"OPTIONS", 0, b""),
+        (b"TRACE", 0, b""),
+        (b"POST", None, b"Transfer-Encoding: chunked\r\n"),
+        (b"GET", None, b"Transfer-Encoding: chunked\r\n"),
+    ],
+)
+def test_request_head_is_the_whole_head_with_the_bodys_framing(
+    method: bytes, length: int | None, framing: bytes
+) -> None:
+    """
+    The head is the request line, Host, the fields in order and case, the body's framing
+    and an empty line: Content-Length for a known length (0 only for POST, PUT, PATCH),
+    chunked for an unknown one.
+    """
+    head = request_head(method, b"/v1/chat/completions?x=1", b"api.example:8443", FIELDS, length)
+    assert head == (
+        method
+        + b" /v1/chat/completions?x=1 HTTP/1.1\r\nHost: api.example:8443\r\n"
+        + FIELD_LINES
+        + framing
+        + b"\r\n"
+    )
+
+
+def test_request_head_without_fields() -> None:
+    """With no fields, the head is the request line, Host and the empty line."""
+    assert request_head(b"GET", b"/v1/models", b"api.example", [], 0) == (
+        b"GET /v1/models HTTP/1.1\r\nHost: api.example\r\n\r\n"
+    )
+
+
+def test_request_head_of_forwarded_headers() -> None:
+    """The head sends upstream_request_headers' fields as they are, after Host."""
+    sent = forward([(b"Host", b"proxy.example"), (b"content-length", b"2"), (b"Accept", b"*/*")])
+    assert request_head(b"POST", b"/v1/x", b"api.example", sent, 2) == (
+        b"POST /v1/x HTTP/1.1\r\n"
+        b"Host: api.example\r\n"
+        b"Accept: */*\r\n"
+        b"X-Forwarded-For: 203.0.113.7\r\n"
+        b"X-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: proxy.example\r\n"
+        b"X-Request-ID: req-1\r\n"
+        b"Content-Length: 2\r\n"
+        b"\r\n"
+    )
 
 
 TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))

@@ -1,6 +1,8 @@
 """
-Limits and bad input, as a client sees them: a real ``Site`` over a fake connection, a
-fake upstream agent and a fake clock.
+Limits and bad input in the twisted.web door, as a client sees them: the ``Site`` that
+:func:`aiproxy.server.web.build_site` makes (for programs that embed aiproxy) over a
+fake connection, a fake upstream and a fake clock. aiproxy's own HTTP/1.1 server has
+the same limits: see test_http1_server.py.
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ import attrs
 import pytest
 from twisted.internet.task import Clock
 
-from aiproxy.channel import LINGER
 from aiproxy.config import Config
-from aiproxy.site import ProxySite, build_resource, build_site
+from aiproxy.server.web import ProxySite, build_resource, build_site
+from aiproxy.server.web_channel import LINGER
 
-from .fakes import ClientConnection, FakeAgent, produce
+from .fakes import ClientConnection, FakeUpstream, body_bytes
 from .test_proxy import error_of
 
 TARGET_URL = "http://upstream.example:9000"
@@ -24,7 +26,7 @@ class Proxy:
     """aiproxy with a fake upstream and clock; ``client`` is a first connection."""
 
     clock: Clock
-    agent: FakeAgent
+    agent: FakeUpstream
     site: ProxySite
     client: ClientConnection
 
@@ -37,7 +39,7 @@ def start_proxy(**settings: object) -> Proxy:
     """aiproxy built from ``Config(**settings)``, client limits included."""
     settings.setdefault("target_url", TARGET_URL)
     config = Config(**settings)
-    clock, agent = Clock(), FakeAgent()
+    clock, agent = Clock(), FakeUpstream()
     site = build_site(build_resource(config, agent, clock), clock, config=config)
     return Proxy(clock, agent, site, ClientConnection(site))
 
@@ -84,8 +86,7 @@ def test_body_of_exactly_max_body_size_is_forwarded() -> None:
     proxy = start_proxy(max_body_size=1000)
     proxy.client.request(b"POST", b"/v1/files", body=b"x" * 1000)
     call = proxy.agent.last
-    assert call.body is not None
-    assert produce(call.body, proxy.clock).data == b"x" * 1000
+    assert body_bytes(call.body) == b"x" * 1000
 
 
 def test_chunked_body_growing_past_max_body_size_is_a_413_and_reading_stops() -> None:
@@ -421,8 +422,7 @@ def test_body_at_the_minimum_rate_is_forwarded() -> None:
         proxy.client.send(b"r" * 500)
     assert not closed(proxy.client)
     call = proxy.agent.last
-    assert call.body is not None
-    assert produce(call.body, proxy.clock).data == b"r" * 30000
+    assert body_bytes(call.body) == b"r" * 30000
 
 
 def test_body_slower_than_the_minimum_rate_gets_a_408() -> None:

@@ -1,6 +1,6 @@
 """
 What operators see of each request: its completion log record, and the Prometheus
-metrics at ``/api/metrics``; over a real ``Site`` with a fake upstream and clock.
+metrics at ``/api/metrics``; over aiproxy's HTTP/1.1 server with a fake upstream and clock.
 """
 
 from __future__ import annotations
@@ -11,18 +11,18 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, UNIXAddress
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError, DNSLookupError
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, capturedLogs, formatEvent
 
 from aiproxy.config import Config
+from aiproxy.core.build import build_core
 from aiproxy.core.record import RequestRecord
 from aiproxy.ops.metrics import MAX_MODELS, ProxyMetrics, SharedMetrics, merge_snapshots
 from aiproxy.rules.usage import Usage
-from aiproxy.site import build_resource, build_site
+from aiproxy.upstream.errors import ConnectFailed
 
-from .fakes import ClientConnection, FakeAgent
-from .test_proxy import TARGET_URL, Proxy, start_proxy
+from .fakes import ClientConnection, FakeUpstream
+from .test_proxy import TARGET_URL, Proxy, server_factory, start_proxy
 
 CHAT_REPLY = json.dumps(
     {
@@ -80,7 +80,7 @@ def test_completion_record_of_a_json_reply_has_every_field() -> None:
             body,
         )
         proxy.clock.advance(0.25)
-        response = proxy.agent.last.respond(
+        response = proxy.upstream.last.respond(
             200, {b"Content-Type": [b"application/json; charset=utf-8"]}
         )
         proxy.clock.advance(0.5)
@@ -121,7 +121,7 @@ def test_usage_in_the_last_event_of_a_stream_is_counted() -> None:
     proxy = start_proxy()
     with capturedLogs() as events:
         proxy.client.request(b"POST", b"/v1/chat/completions", body=b"{}")
-        response = proxy.agent.last.respond(200, {b"Content-Type": [b"text/event-stream"]})
+        response = proxy.upstream.last.respond(200, {b"Content-Type": [b"text/event-stream"]})
         assert value(proxy, "aiproxy_active_streams") == 1
         for event in SSE_WITH_USAGE:
             response.send(event)
@@ -144,10 +144,10 @@ def test_a_client_leaving_mid_stream_is_recorded_and_counted_as_cancelled() -> N
     proxy = start_proxy()
     with capturedLogs() as events:
         proxy.client.request(b"GET", b"/v1/stream")
-        response = proxy.agent.last.respond(200, {b"Content-Type": [b"text/event-stream"]})
+        response = proxy.upstream.last.respond(200, {b"Content-Type": [b"text/event-stream"]})
         response.send(SSE_WITH_USAGE[0])
         proxy.client.disconnect()
-        response.end(ConnectionLost())  # the proxy closed the upstream connection
+    assert response.aborted
     record = completion(events)
     assert record["cancelled"] is True
     assert record["model"] == "gpt-test" and record["prompt_tokens"] is None
@@ -162,7 +162,9 @@ def test_an_unreachable_upstream_is_recorded_by_kind() -> None:
     proxy = start_proxy(max_retries=0)
     with capturedLogs() as events:
         proxy.client.request(b"GET", b"/v1/models")
-        proxy.agent.last.deferred.errback(DNSLookupError("upstream.example"))
+        proxy.upstream.last.deferred.errback(
+            ConnectFailed("no address for upstream.example", kind="dns")
+        )
     record = completion(events)
     assert (record["status"], record["upstream_status"]) == (502, None)
     assert record["upstream_error"] == "dns"
@@ -176,9 +178,9 @@ def test_retries_are_counted() -> None:
     proxy = start_proxy(max_retries=3, retry_backoff_factor=0.5)
     proxy.client.request(b"GET", b"/v1/models")
     for _ in range(2):
-        proxy.agent.last.deferred.errback(ConnectionRefusedError())
+        proxy.upstream.last.deferred.errback(ConnectFailed("Connection was refused by other side"))
         proxy.clock.advance(1)
-    proxy.agent.last.respond(200).end()
+    proxy.upstream.last.respond(200).end()
     assert value(proxy, "aiproxy_retries_total") == 2
 
 
@@ -189,7 +191,7 @@ def test_requests_durations_and_bytes_are_counted() -> None:
     proxy.client.request(b"POST", b"/v1/embeddings", body=b"x" * 100)
     assert value(proxy, "aiproxy_active_requests") == 2  # it, and the scrape itself
     proxy.clock.advance(2)
-    response = proxy.agent.last.respond(201)
+    response = proxy.upstream.last.respond(201)
     response.send(b"y" * 30)
     response.end()
     assert value(proxy, "aiproxy_requests_total", method="POST", status="201") == 1
@@ -214,10 +216,10 @@ def test_histogram_buckets_reach_minutes() -> None:
 def test_unusual_methods_share_one_label() -> None:
     """Methods outside the standard set are counted as ``OTHER``, never by their name."""
     proxy = start_proxy()
-    proxy.client.request(b"BREW", b"/coffee")
-    proxy.agent.last.respond(418).end()
+    proxy.client.request(b"PROPFIND", b"/coffee")
+    proxy.upstream.last.respond(418).end()
     assert value(proxy, "aiproxy_requests_total", method="OTHER", status="418") == 1
-    assert not any(dict(labels).get("method") == "BREW" for _, labels in samples(proxy))
+    assert not any(dict(labels).get("method") == "PROPFIND" for _, labels in samples(proxy))
 
 
 def test_model_labels_are_capped() -> None:
@@ -240,7 +242,7 @@ def test_metrics_can_be_switched_off() -> None:
     upstream's, like any other."""
     proxy = start_proxy(enable_metrics=False)
     proxy.client.request(b"GET", b"/api/metrics")
-    assert [call.url for call in proxy.agent.calls] == [TARGET_URL.encode() + b"/api/metrics"]
+    assert [call.url for call in proxy.upstream.calls] == [TARGET_URL.encode() + b"/api/metrics"]
 
 
 def test_metrics_endpoint_refuses_other_methods() -> None:
@@ -250,15 +252,17 @@ def test_metrics_endpoint_refuses_other_methods() -> None:
     response = proxy.client.response()
     assert response.status == 405
     assert json.loads(response.body)["error"]["type"] == "method_not_allowed"
-    assert proxy.agent.calls == []
+    assert proxy.upstream.calls == []
 
 
 def _client_seen(peer: Any, headers: list[tuple[bytes, bytes]], **settings: Any) -> str:
     config = Config(target_url=TARGET_URL, **settings)
-    agent, clock = FakeAgent(), Clock()
-    site = build_site(build_resource(config, agent, clock), clock, config=config)
+    clock = Clock()
+    core = build_core(config, FakeUpstream(), clock)
     with capturedLogs() as events:
-        ClientConnection(site, peer).request(b"GET", b"/api/ping", headers)
+        ClientConnection(server_factory("http1", core, clock, config), peer).request(
+            b"GET", b"/api/ping", headers
+        )
     [started] = [e for e in events if str(e.get("log_format")).startswith("Request started")]
     client: str = started["client"]
     assert completion(events)["client"] == client

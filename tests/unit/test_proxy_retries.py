@@ -1,44 +1,49 @@
 """
-Retries and timeouts as a client sees them: a real ``Site`` and ``Request`` over a fake
-connection, a fake upstream agent and a fake clock.
+Retries and timeouts as a client sees them: aiproxy's HTTP/1.1 server over a fake
+connection, a fake upstream and a fake clock.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.python.failure import Failure
-from twisted.web.client import ResponseNeverReceived
 
-from aiproxy.proxy import ReverseProxyResource
-from aiproxy.rules.retry import RetryPolicy, ReusedConnectionFailed
+from aiproxy.core.activity import Activity
+from aiproxy.core.handler import ProxyCore
+from aiproxy.rules.retry import RetryPolicy
 from aiproxy.rules.target import parse_target
-from aiproxy.site import ProxyRoot, build_site
+from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.upstream.errors import ConnectFailed, LostBeforeResponse, StaleConnection
 
-from .fakes import ClientConnection, FakeAgent, produce
+from .fakes import ClientConnection, FakeUpstream
 from .test_proxy import TARGET_URL, error_of
 
 BODY = b'{"model": "m", "messages": []}'
 
+LIMITS = ClientLimits(max_body_size=2**20, header_timeout=10, body_min_rate=0)
 
-def never_received() -> Failure:
-    return Failure(ResponseNeverReceived([Failure(ConnectionLost())]))
+
+def refused() -> ConnectFailed:
+    return ConnectFailed("Connection was refused by other side")
+
+
+def never_received() -> LostBeforeResponse:
+    return LostBeforeResponse("the connection was lost before the response")
 
 
 class Proxy:
-    """A bare proxy resource with a fixed-jitter retry policy, a fake agent and a clock."""
+    """A bare proxy core with a fixed-jitter retry policy, a fake upstream and a clock."""
 
-    def __init__(self, **options: object) -> None:
+    def __init__(self, **options: Any) -> None:
         options.setdefault("request_timeout", 60)
         options.setdefault("retry_policy", RetryPolicy(3, 0.5, jitter=lambda: 1.0))
         self.clock = Clock()
-        self.agent = FakeAgent()
-        self.resource = ReverseProxyResource(
-            parse_target(TARGET_URL), self.agent, self.clock, **options
-        )
-        self.client = ClientConnection(build_site(ProxyRoot({}, self.resource), self.clock))
+        self.agent = FakeUpstream()
+        self.core = ProxyCore(parse_target(TARGET_URL), self.agent, self.clock, **options)
+        self.client = ClientConnection(HTTP11Factory(self.core, self.clock, Activity(), LIMITS))
 
 
 def test_refused_connections_are_retried_with_backoff_until_one_answers() -> None:
@@ -46,19 +51,19 @@ def test_refused_connections_are_retried_with_backoff_until_one_answers() -> Non
     the client, and the POST body is sent in full each time."""
     proxy = Proxy()
     proxy.client.request(b"POST", b"/v1/chat/completions", body=BODY)
-    proxy.agent.last.deferred.errback(ConnectionRefusedError())
+    proxy.agent.last.deferred.errback(refused())
     proxy.clock.advance(0.49)
     assert len(proxy.agent.calls) == 1
     proxy.clock.advance(0.01)
     assert len(proxy.agent.calls) == 2
-    proxy.agent.last.deferred.errback(ConnectionRefusedError())
+    proxy.agent.last.deferred.errback(refused())
     proxy.clock.advance(1.0)
     assert len(proxy.agent.calls) == 3
     proxy.agent.last.respond(200).end()
     assert proxy.client.response().status == 200
-    bodies = [produce(call.body, proxy.clock).data for call in proxy.agent.calls]
+    bodies = [call.sent_body for call in proxy.agent.calls]
     assert bodies == [BODY, BODY, BODY]
-    assert proxy.resource.retries == 2
+    assert proxy.core.retries == 2
 
 
 def test_a_post_that_may_have_reached_the_upstream_is_not_retried() -> None:
@@ -75,7 +80,7 @@ def test_a_post_on_a_stale_kept_alive_connection_is_retried() -> None:
     """A POST lost on a reused keep-alive connection never reached the upstream: retried."""
     proxy = Proxy()
     proxy.client.request(b"POST", b"/v1/chat/completions", body=BODY)
-    proxy.agent.last.deferred.errback(ReusedConnectionFailed(never_received()))
+    proxy.agent.last.deferred.errback(StaleConnection("closed by the upstream"))
     proxy.clock.advance(0.5)
     assert len(proxy.agent.calls) == 2
     proxy.agent.last.respond(200).end()
@@ -96,19 +101,19 @@ def test_retries_stop_after_max_retries() -> None:
     proxy = Proxy()
     proxy.client.request(b"GET", b"/v1/models")
     for _ in range(4):
-        proxy.agent.last.deferred.errback(ConnectionRefusedError())
+        proxy.agent.last.deferred.errback(refused())
         proxy.clock.advance(10)
     assert len(proxy.agent.calls) == 4
     response = proxy.client.response()
     assert response.status == 502
-    assert "ConnectionRefusedError" in error_of(response)["message"]
+    assert "refused" in error_of(response)["message"]
 
 
 def test_no_retry_that_could_not_answer_before_the_request_timeout() -> None:
     """If the next wait would outlast REQUEST_TIMEOUT, the failure is answered now (502)."""
     proxy = Proxy(request_timeout=0.4)
     proxy.client.request(b"GET", b"/v1/models")
-    proxy.agent.last.deferred.errback(ConnectionRefusedError())
+    proxy.agent.last.deferred.errback(refused())
     assert proxy.client.response().status == 502
     assert len(proxy.agent.calls) == 1
 
@@ -117,7 +122,7 @@ def test_a_client_leaving_during_the_wait_stops_the_retries() -> None:
     """Once the client is gone nothing more is sent upstream."""
     proxy = Proxy()
     proxy.client.request(b"GET", b"/v1/models")
-    proxy.agent.last.deferred.errback(ConnectionRefusedError())
+    proxy.agent.last.deferred.errback(refused())
     proxy.client.disconnect()
     proxy.clock.advance(10)
     assert len(proxy.agent.calls) == 1
@@ -144,7 +149,7 @@ def test_retry_on_status_honours_retry_after() -> None:
     proxy = Proxy(retry_policy=RetryPolicy(3, 0.5, {503}, jitter=lambda: 1.0))
     proxy.client.request(b"GET", b"/v1/models")
     busy = proxy.agent.last.respond(503, {b"Retry-After": [b"2"]})
-    assert busy.transport.producerState == "stopped", "the retried answer's body is dropped"
+    assert busy.aborted, "the retried answer's connection is dropped"
     proxy.clock.advance(1.9)
     assert len(proxy.agent.calls) == 1
     proxy.clock.advance(0.1)
@@ -177,7 +182,7 @@ def test_total_timeout_cuts_a_long_response() -> None:
     assert not proxy.client.aborted
     proxy.clock.advance(0.1)
     assert proxy.client.aborted
-    assert upstream.transport.producerState == "stopped"
+    assert upstream.aborted
     assert not proxy.client.response().complete
 
 
@@ -196,7 +201,7 @@ def test_retries_are_logged_and_counted_in_the_completion_line() -> None:
     proxy = Proxy()
     with capturedLogs() as events:
         proxy.client.request(b"GET", b"/v1/models", [(b"X-Request-ID", b"req-retry")])
-        proxy.agent.last.deferred.errback(ConnectionRefusedError())
+        proxy.agent.last.deferred.errback(refused())
         proxy.clock.advance(0.5)
         proxy.agent.last.respond(200).end()
     retries = [e for e in events if e.get("log_format", "").startswith("Retrying")]

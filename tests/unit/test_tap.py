@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from twisted.internet.defer import succeed
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 
 from aiproxy.config import Config, ConfigError, settings
 from aiproxy.run.service import PoolService
 from aiproxy.run.tap import Options, build_service
-from aiproxy.site import ProxySite
+from aiproxy.server.http1 import HTTP11Factory
+from aiproxy.upstream.pool import UpstreamPool
 
 
 def parse(
@@ -124,7 +125,8 @@ def test_usage_mentions_every_environment_variable_and_default() -> None:
 
 
 def test_build_service_listens_once_per_endpoint() -> None:
-    """Each endpoint string becomes one listener serving the proxy site."""
+    """Each endpoint string becomes one listener of aiproxy's HTTP/1.1 server, with a
+    listen backlog of 1024 (not Twisted's 50)."""
     reactor = MemoryReactorClock()
     config = Config(listen=("tcp:8081:interface=127.0.0.1", "tcp:8082"))
     service = build_service(config, reactor)
@@ -132,9 +134,9 @@ def test_build_service_listens_once_per_endpoint() -> None:
     service.startService()
     listening = [(port, interface) for port, _, _, interface in reactor.tcpServers]
     assert listening == [(8081, "127.0.0.1"), (8082, "")]
-    sites = {factory for _, factory, _, _ in reactor.tcpServers}
-    assert len(sites) == 1
-    assert isinstance(sites.pop(), ProxySite)
+    assert [backlog for _, _, backlog, _ in reactor.tcpServers] == [1024, 1024]
+    factories = [factory for _, factory, _, _ in reactor.tcpServers]
+    assert all(isinstance(factory, HTTP11Factory) for factory in factories)
     service.stopService()
 
 
@@ -149,30 +151,43 @@ def test_build_service_default_listener() -> None:
     service.stopService()
 
 
-class IdleConnection:
-    """A pooled upstream connection that records being aborted."""
+def idle_upstream_connection(
+    reactor: MemoryReactorClock, pool: UpstreamPool
+) -> StringTransportWithDisconnection:
+    """Make ``pool`` hold one idle kept-alive connection; its transport."""
+    d = pool.request(b"GET", b"GET / HTTP/1.1\r\nHost: upstream\r\n\r\n", b"")
+    host, port, factory, _, _ = reactor.tcpClients[-1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransportWithDisconnection()
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+    d.addCallback(lambda response: response.deliver(_Discard()))
+    assert pool.idle_connections == 1
+    return transport
 
-    state = "QUIESCENT"
 
-    def __init__(self) -> None:
-        self.aborted = False
+class _Discard:
+    def body_received(self, pieces: list[bytes], raw: bytes | None) -> None:
+        pass
 
-    def abort(self) -> object:
-        self.aborted = True
-        return succeed(None)
+    def body_done(self) -> None:
+        pass
+
+    def body_failed(self, reason: Exception) -> None:
+        pass
 
 
 def test_stop_service_closes_the_upstream_pool() -> None:
-    """Stopping the service aborts idle upstream connections and cancels their timers."""
+    """Stopping the service closes idle upstream connections and cancels their timers."""
     reactor = MemoryReactorClock()
-    service = build_service(Config(listen=("tcp:8081",)), reactor)
+    service = build_service(Config(listen=("tcp:8081",), target_url="http://192.0.2.1"), reactor)
     service.startService()
     [pool_service] = [s for s in service if isinstance(s, PoolService)]
-    connection = IdleConnection()
-    pool_service.pool._putConnection(("key",), connection)
+    transport = idle_upstream_connection(reactor, pool_service.pool)
     assert reactor.getDelayedCalls()
     stopped = service.stopService()
-    assert connection.aborted
+    assert not transport.connected
     assert reactor.getDelayedCalls() == []
     assert stopped.called
 

@@ -1,9 +1,12 @@
 """
-aiproxy's HTTP/1.1 connection: twisted.web's ``HTTPChannel``, plus limits on the request
-head, the framing rules twisted.web does not enforce, and deadlines for slow clients.
+The HTTP/1.1 connection of :func:`aiproxy.server.web.build_site`, for programs that
+embed aiproxy in a twisted.web ``Site``: twisted.web's ``HTTPChannel``, plus limits on
+the request head, the framing rules twisted.web does not enforce, and deadlines for
+slow clients. (aiproxy's own listeners use :mod:`aiproxy.server.http1` instead.)
 
-HTTP/2 connections (negotiated by ALPN) are served by twisted.web's own ``H2Connection``;
-only :class:`ProxyRequest`'s body-size limit applies to them.
+It overrides one private method of ``HTTPChannel``, ``_respondToBadRequestAndDisconnect``
+(listed, with a canary test, in :mod:`aiproxy._twisted`): twisted.web's bare ``400``
+becomes aiproxy's JSON one.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from twisted.web.http_headers import Headers
 
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
+from aiproxy.core.handler import PROXY_BY
 from aiproxy.errors import ClientTooSlow, HeadTooLarge, InvalidRequest, ProxyError, error_body
-from aiproxy.request import PROXY_BY
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, framing_error
 from aiproxy.rules.headers import choose_request_id
 
@@ -105,7 +108,6 @@ class ProxyChannel(HTTPChannel):
             return
         if self._phase is None and self.line_mode:  # not reading a body, nor handling
             self._watch(_HEAD)
-            self.activity.receiving(self)
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
@@ -141,11 +143,18 @@ class ProxyChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         """Refuse ambiguous framing and oversized bodies; watch the body's rate."""
         request = self.requests[-1]
-        error = framing_error(self._head_version, request.requestHeaders)
+        headers = [
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        error = framing_error(self._head_version, headers)
         if error is not None:
             self.refuse(error)
             return
         super().allHeadersReceived()
+        if self.activity.draining:
+            self.close_if_idle()
         if getattr(request, "refusal", None) is not None:  # e.g. its Content-Length
             self.stop_reading_body()
         elif self.length != 0 and self.limits.body_min_rate:
@@ -246,8 +255,31 @@ class ProxyChannel(HTTPChannel):
         """twisted.web's parser refuses the request: answer with the JSON ``400``."""
         self.refuse(InvalidRequest("the request is not valid HTTP/1.1"))
 
+    def connectionMade(self) -> None:
+        """Count the connection among the proxy's (for a graceful drain)."""
+        super().connectionMade()
+        self.activity.opened(self)
+
+    def close_if_idle(self) -> None:
+        """Close now if no request is in flight; else close after the current response."""
+        if self.transport is None or self.transport.disconnecting:  # type: ignore[attr-defined]
+            return
+        if not self.requests:
+            self.loseConnection()
+            return
+        self.persistent = False
+        request = self.requests[-1]
+        if not request.startedWriting:
+            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+
+    def abort(self) -> None:
+        """Drop the connection now."""
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Stop the deadline timer."""
+        """Stop the deadline timer; the connection no longer counts."""
+        self.activity.closed(self)
         self._phase = None
         self._cancel_deadline()
         super().connectionLost(reason)

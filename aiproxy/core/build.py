@@ -1,0 +1,65 @@
+"""Building a :class:`ProxyCore` from a :class:`Config`, with aiproxy's own endpoints."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import LogLevel
+
+from aiproxy.config import Config
+from aiproxy.core.activity import Activity
+from aiproxy.core.endpoints import health_endpoint, ping_endpoint
+from aiproxy.core.handler import ProxyCore
+from aiproxy.core.interfaces import Endpoint, UpstreamClient
+from aiproxy.ops.docs import docs_endpoints
+from aiproxy.ops.metrics import ProxyMetrics, SharedMetrics, metrics_endpoint
+from aiproxy.rules.cors import CorsPolicy
+from aiproxy.rules.retry import RetryPolicy
+
+__all__ = ["build_core"]
+
+
+def build_core(
+    config: Config,
+    upstream: UpstreamClient,
+    clock: IReactorTime,
+    activity: Activity | None = None,
+    shared_metrics: SharedMetrics | None = None,
+) -> ProxyCore:
+    """
+    The core that ``config`` describes: ``/api/health`` and ``/api/ping``, the metrics
+    at ``/api/metrics`` (unless ``config.enable_metrics`` is false), the API docs
+    (unless ``config.enable_docs`` is false), CORS (unless ``config.enable_cors`` is
+    false), and the proxy for the rest.
+
+    ``/api/health`` says ``draining`` once ``activity`` does. With ``shared_metrics`` (a
+    worker process), ``/api/metrics`` adds in what the other workers published.
+    """
+    activity = Activity() if activity is None else activity
+    endpoints: dict[bytes, Endpoint] = {
+        b"/api/health": health_endpoint(config, activity),
+        b"/api/ping": ping_endpoint(),
+    }
+    core = ProxyCore(
+        config.target,
+        upstream,
+        clock,
+        activity=activity,
+        endpoints=endpoints,
+        cors=CorsPolicy.from_config(config),
+        trusted_proxies=config.trusted_networks,
+        request_timeout=config.request_timeout,
+        stream_idle_timeout=config.stream_idle_timeout,
+        total_timeout=config.total_timeout,
+        retry_policy=RetryPolicy(
+            config.max_retries, config.retry_backoff_factor, config.retry_on_status
+        ),
+        max_concurrent_requests=config.max_concurrent_requests,
+        debug=config.twisted_log_level <= LogLevel.debug,
+    )
+    if config.enable_metrics:
+        core.metrics = ProxyMetrics(lambda: core.active_streams, shared=shared_metrics)
+        endpoints[b"/api/metrics"] = metrics_endpoint(core.metrics)
+    if config.enable_docs:
+        endpoints.update(docs_endpoints(config))
+    core.endpoints = endpoints
+    return core

@@ -1,0 +1,477 @@
+"""
+One client request, from the moment a door hands it over to the end of its response:
+aiproxy's own answers (:class:`LocalAnswer`) and the upstream exchange
+(:class:`ProxyExchange`) with its retries, timeouts, streaming and cancellation.
+
+Both write their response through the door's :class:`ClientSide`, and both end the
+same way: the completion record is filled in, logged and counted once.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from aiproxy.core.endpoints import error_response, http_date
+from aiproxy.core.failures import Retry, classify, describe
+from aiproxy.core.interfaces import (
+    ClientSide,
+    Incoming,
+    LocalResponse,
+    RawHeaders,
+    RequestBody,
+    UpstreamResponse,
+)
+from aiproxy.errors import InternalError, ProxyError, UpstreamTimeout
+from aiproxy.rules.cors import add_response_headers, response_headers
+from aiproxy.rules.headers import (
+    client_response_headers,
+    header_values,
+    is_event_stream,
+    request_head,
+    upstream_request_headers,
+)
+from aiproxy.rules.redact import redact_url
+from aiproxy.rules.retry import retry_after
+from aiproxy.rules.usage import UsageMeter, usage_meter
+
+if TYPE_CHECKING:
+    from aiproxy.core.handler import ProxyCore
+
+__all__ = ["LocalAnswer", "ProxyExchange"]
+
+log = Logger(namespace="aiproxy")
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+class _Handled:
+    """
+    A request the core is answering: what every answer has in common, from aiproxy's
+    own headers to the completion record.
+    """
+
+    __slots__ = ("client", "core", "done", "request")
+
+    def __init__(self, core: ProxyCore, request: Incoming, client: ClientSide) -> None:
+        self.core = core
+        self.request = request
+        self.client = client
+        self.done = False
+
+    def own_headers(self, headers: RawHeaders) -> RawHeaders:
+        """``headers`` with aiproxy's own added: request ID, timing, CORS."""
+        request = self.request
+        elapsed = self.core.clock.seconds() - request.arrived_at
+        headers.append((b"X-Request-ID", request.request_id))
+        headers.append((b"X-Process-Time", b"%.4f" % elapsed))
+        headers.append((b"X-Proxy-By", self.core.proxy_by))
+        cors = self.core.cors
+        if cors is not None:
+            origin = header_values(request.headers, b"origin")
+            if origin:
+                add_response_headers(headers, response_headers(cors, origin[0]))
+        return headers
+
+    def answer(self, response: LocalResponse) -> None:
+        """Send ``response``, whole, and end."""
+        if self.done:
+            return
+        request = self.request
+        headers = [(b"Date", http_date(self.core.clock.seconds())), *response.headers]
+        body = response.body
+        has_body = response.status not in _NO_BODY_STATUSES
+        if has_body:
+            headers.append((b"Content-Length", b"%d" % len(body)))
+        has_body = has_body and request.method != b"HEAD"
+        self.client.send_head(
+            response.status,
+            _reason(response.status),
+            self.own_headers(headers),
+            len(body) if response.status not in _NO_BODY_STATUSES else None,
+            has_body,
+        )
+        request.record.status = response.status
+        if has_body and body:
+            self.client.send_body((body,), None)
+            request.record.bytes_out = len(body)
+        self.client.finish()
+        self.end(cancelled=False)
+
+    def answer_error(self, error: ProxyError) -> None:
+        """Answer with ``error``'s status and JSON body."""
+        self.answer(error_response(error, self.request.request_id))
+
+    def end(self, cancelled: bool) -> None:
+        """The response has ended (or the client left): record, log and count it, once."""
+        if self.done:
+            return
+        self.done = True
+        self.core.ended(self, cancelled)
+
+    def client_gone(self) -> None:
+        """The client left before the response ended."""
+        self.end(cancelled=True)
+
+    def abort(self) -> None:
+        """End the response unfinished (a drain that ran out of time)."""
+        if not self.done:
+            self.client.abort()
+            self.client_gone()
+
+
+class LocalAnswer(_Handled):
+    """A request aiproxy answers itself, at once."""
+
+    __slots__ = ()
+
+
+class ProxyExchange(_Handled):
+    """
+    A request forwarded to the upstream, and its response relayed as it arrives.
+
+    Attempts are sent until one gives a response or the retry rules
+    (:mod:`aiproxy.core.failures`, ``RETRY_ON_STATUS``) say to stop; the response head
+    must come within ``REQUEST_TIMEOUT`` (``TOTAL_TIMEOUT`` if sooner) of the request's
+    arrival. The body is relayed piece by piece with the client's flow control pausing
+    the upstream; it is cut off after ``STREAM_IDLE_TIMEOUT`` seconds without data and at
+    ``TOTAL_TIMEOUT``. When the client leaves, the upstream request is dropped at once.
+    """
+
+    __slots__ = (
+        "active",
+        "attempt",
+        "body",
+        "bytes_out",
+        "deadline",
+        "head",
+        "headers_timer",
+        "meter",
+        "pending",
+        "response",
+        "retry_timer",
+        "stream",
+        "timed_out",
+        "total_timer",
+    )
+
+    def __init__(
+        self, core: ProxyCore, request: Incoming, body: RequestBody, client: ClientSide
+    ) -> None:
+        super().__init__(core, request, client)
+        self.body = body
+        self.attempt = 0
+        self.pending: Deferred[UpstreamResponse] | None = None
+        self.response: UpstreamResponse | None = None
+        self.retry_timer: IDelayedCall | None = None
+        self.headers_timer: IDelayedCall | None = None
+        self.total_timer: IDelayedCall | None = None
+        self.timed_out = False
+        self.meter: UsageMeter | None = None
+        self.bytes_out = 0
+        self.active = False
+        self.stream = False
+        self.head = b""
+        self.deadline = 0.0
+
+    # -- sending -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the first attempt."""
+        core = self.core
+        request = self.request
+        body = self.body
+        headers = upstream_request_headers(
+            request.headers,
+            client_ip=None if request.peer is None else request.peer.encode("ascii"),
+            scheme=request.scheme,
+            request_id=request.request_id,
+        )
+        length = len(body) if isinstance(body, bytes) else body.length
+        target = core.target
+        self.head = request_head(
+            request.method, target.prefix + request.target, core.host_header, headers, length
+        )
+        wait = core.request_timeout
+        clock = core.clock
+        if core.total_timeout:
+            wait = min(wait, core.total_timeout)
+            self.total_timer = clock.callLater(core.total_timeout, self._total_expired)
+        self.deadline = clock.seconds() + wait
+        self.headers_timer = clock.callLater(wait, self._headers_expired)
+        self._send()
+
+    def _send(self) -> None:
+        self.retry_timer = None
+        d = self.core.upstream.request(self.request.method, self.head, self.body)
+        self.pending = d
+        d.addCallbacks(self._got_response, self._attempt_failed)
+        d.addErrback(self._bug)
+
+    def _url(self) -> str:
+        """The upstream URL of this request, for the log (secrets redacted)."""
+        target = self.core.target
+        return redact_url(target.origin + target.prefix + self.request.target)
+
+    def _may_retry(self, rule: Retry) -> bool:
+        body = self.body
+        return (
+            self.attempt < self.core.retry_policy.max_retries
+            and rule.allows(self.request.method)
+            and (isinstance(body, bytes) or body.replayable())
+        )
+
+    def _retry(self, delay: float, reason: str) -> bool:
+        """Send the request again after ``delay`` unless that is too late; whether it will."""
+        core = self.core
+        if core.clock.seconds() + delay >= self.deadline:
+            return False  # its answer could not come in time: keep this outcome
+        self.attempt += 1
+        core.retries += 1
+        self.request.record.retries = self.attempt
+        log.warn(
+            "Retrying {method} {url} in {delay:.3f}s (retry {retry} of {max_retries}):"
+            " {reason} [ID: {request_id}]",
+            method=self.request.method.decode("ascii", "replace"),
+            url=self._url(),
+            delay=delay,
+            retry=self.attempt,
+            max_retries=core.retry_policy.max_retries,
+            reason=reason,
+            request_id=self.request.record.request_id,
+        )
+        self.retry_timer = core.clock.callLater(delay, self._send)
+        return True
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        self.pending = None
+        if self.done:
+            return
+        exception: BaseException = failure.value  # type: ignore[assignment]
+        if self.timed_out:
+            exception = UpstreamTimeout(
+                f"the upstream sent no response headers within {self.deadline_wait():g}s"
+            )
+        verdict = classify(exception)
+        if self._may_retry(verdict.retry):
+            delay = self.core.retry_policy.backoff(self.attempt + 1)
+            if self._retry(delay, verdict.reason):
+                return
+        self._cancel_headers_timer()
+        record = self.request.record
+        record.upstream_error = verdict.kind
+        if verdict.kind == "internal":
+            log.failure(
+                "Upstream request failed unexpectedly [ID: {request_id}]",
+                failure,
+                request_id=record.request_id,
+            )
+        elif verdict.kind is not None:
+            log.warn(
+                "Upstream error {status} for {url}: {message} [ID: {request_id}]",
+                status=verdict.error.status,
+                url=self._url(),
+                message=verdict.error.message,
+                request_id=record.request_id,
+            )
+        self.answer_error(verdict.error)
+
+    def deadline_wait(self) -> float:
+        """Seconds the response head may take (``REQUEST_TIMEOUT``, or ``TOTAL_TIMEOUT``)."""
+        core = self.core
+        if core.total_timeout:
+            return min(core.request_timeout, core.total_timeout)
+        return core.request_timeout
+
+    def _headers_expired(self) -> None:
+        self.headers_timer = None
+        if self.done:
+            return
+        self.timed_out = True
+        if self.pending is not None:
+            self.pending.cancel()
+
+    def _cancel_headers_timer(self) -> None:
+        if self.headers_timer is not None:
+            self.headers_timer.cancel()
+            self.headers_timer = None
+
+    # -- the response --------------------------------------------------------------
+
+    def _got_response(self, response: UpstreamResponse) -> None:
+        self.pending = None
+        if self.done:
+            response.abort()
+            return
+        core = self.core
+        status = response.status
+        if status in core.retry_policy.retry_on_status and self._may_retry(Retry.ALWAYS):
+            asked = retry_after(response.headers, core.clock.seconds())
+            delay = core.retry_policy.backoff(self.attempt + 1) if asked is None else asked
+            if self._retry(delay, f"the upstream answered {status}"):
+                response.abort()
+                return
+        self._cancel_headers_timer()
+        request = self.request
+        record = request.record
+        record.upstream_status = status
+        record.status = status
+        record.upstream_headers_after = core.clock.seconds() - request.arrived_at
+        if core.debug:
+            log.debug(
+                "Response {status} from {url}",
+                status=status,
+                url=self._url(),
+                request_id=record.request_id,
+            )
+        upstream_headers = response.headers
+        headers = self.own_headers(client_response_headers(upstream_headers))
+        self.response = response
+        has_body = response.has_body
+        self.client.send_head(status, response.reason, headers, response.length, has_body)
+        if has_body:
+            self.meter = usage_meter(upstream_headers)
+            if is_event_stream(upstream_headers):
+                self.stream = True
+                core.active_streams += 1
+            self.client.pause_upstream_with(response.producer)
+            core.idle_sweep.watch(self)
+        response.deliver(self)
+
+    def body_received(self, pieces: list[bytes], raw_chunked: bytes | None) -> None:
+        """Pass body bytes on at once, and show them to the usage meter."""
+        if self.done:
+            return
+        self.active = True
+        self.client.send_body(pieces, raw_chunked)
+        meter = self.meter
+        for piece in pieces:
+            self.bytes_out += len(piece)
+            if meter is not None:
+                try:
+                    meter.feed(piece)
+                except Exception:  # a bug in the meter must not break the response
+                    log.failure("Token usage meter failed; this response's usage is not counted")
+                    self.meter = meter = None
+
+    def body_done(self) -> None:
+        """The body is complete: finish the client's response."""
+        if self.done:
+            return
+        self.client.pause_upstream_with(None)
+        self.client.finish()
+        self.end(cancelled=False)
+
+    def body_failed(self, reason: Exception) -> None:
+        """The upstream broke off the body: the client's response is cut off too."""
+        if self.done:
+            return
+        self.request.record.upstream_error = "body_incomplete"
+        self._cut(describe(reason))
+
+    def _cut(self, reason: str) -> None:
+        """End the response early: drop the upstream, abort the client's response."""
+        log.warn(
+            "Response body cut short, client response aborted: {reason} [ID: {request_id}]",
+            reason=reason,
+            request_id=self.request.record.request_id,
+        )
+        response = self.response
+        if response is not None:
+            response.abort()
+        self.client.pause_upstream_with(None)
+        self.client.abort()
+        self.end(cancelled=False)
+
+    def expired(self) -> None:
+        """``STREAM_IDLE_TIMEOUT`` passed without upstream data (see :class:`IdleSweep`)."""
+        if self.done:
+            return
+        self.request.record.upstream_error = "stream_timeout"
+        timeout = self.core.idle_sweep.timeout
+        self._cut(
+            f"no upstream data for {timeout:g}s (STREAM_IDLE_TIMEOUT)",
+        )
+
+    def _total_expired(self) -> None:
+        self.total_timer = None
+        if self.done or self.response is None:
+            return  # before the response head, the headers deadline covers it
+        self.request.record.upstream_error = "stream_timeout"
+        self._cut(
+            f"TOTAL_TIMEOUT of {self.core.total_timeout:g}s reached",
+        )
+
+    # -- the end ---------------------------------------------------------------------
+
+    def client_gone(self) -> None:
+        """The client left: drop the upstream request at once, so it stops generating."""
+        if self.done:
+            return
+        cancelled = False
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.cancel()
+            cancelled = True
+        elif self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+            cancelled = True
+        elif self.response is not None:
+            self.response.abort()
+            cancelled = True
+        if cancelled:
+            self.core.cancelled += 1
+            log.info(
+                "Client disconnected, upstream request cancelled [ID: {request_id}]",
+                request_id=self.request.record.request_id,
+            )
+        self.end(cancelled=True)
+
+    def end(self, cancelled: bool) -> None:
+        """Stop every timer and watch, then record the request."""
+        if self.done:
+            return
+        core = self.core
+        self._cancel_headers_timer()
+        if self.total_timer is not None:
+            self.total_timer.cancel()
+            self.total_timer = None
+        if self.retry_timer is not None:
+            self.retry_timer.cancel()
+            self.retry_timer = None
+        if self.response is not None:
+            core.idle_sweep.forget(self)
+        if self.stream:
+            core.active_streams -= 1
+        record = self.request.record
+        record.bytes_out = self.bytes_out
+        if self.meter is not None:
+            record.usage = self.meter.result()
+        super().end(cancelled)
+
+    def _bug(self, failure: Failure) -> None:
+        log.failure(
+            "Bug while proxying [ID: {request_id}]",
+            failure,
+            request_id=self.request.record.request_id,
+        )
+        if self.done:
+            return
+        if self.response is None:
+            self.answer_error(InternalError("aiproxy failed to handle this request"))
+        else:
+            self.client.abort()
+            self.end(cancelled=False)
+
+
+def _reason(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}

@@ -1,0 +1,282 @@
+"""
+The proxy core as the doors see it: :class:`ProxyCore` turns a parsed request into its
+:class:`Incoming` once, decides who answers it (a CORS preflight, one of aiproxy's own
+endpoints, a refusal, or the upstream), and logs, counts and tracks every request the
+same way whichever door it came by.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from aiproxy._version import __version__
+from aiproxy.config import IPNetwork
+from aiproxy.core.activity import Activity
+from aiproxy.core.admission import is_websocket_upgrade
+from aiproxy.core.endpoints import OWN_METHODS, error_response
+from aiproxy.core.exchange import LocalAnswer, ProxyExchange, _Handled
+from aiproxy.core.interfaces import (
+    ClientSide,
+    Endpoint,
+    Exchange,
+    Incoming,
+    LocalResponse,
+    RawHeaders,
+    RequestBody,
+    UpstreamClient,
+)
+from aiproxy.core.record import RequestRecord
+from aiproxy.core.sweep import IdleSweep
+from aiproxy.errors import (
+    BadRequestTarget,
+    MethodNotAllowed,
+    OriginNotAllowed,
+    Overloaded,
+    ProxyError,
+    WebSocketNotSupported,
+)
+from aiproxy.rules.cors import (
+    CorsPolicy,
+    add_response_headers,
+    allowed_origin,
+    is_preflight,
+    preflight_headers,
+)
+from aiproxy.rules.headers import choose_request_id, header_values, original_client
+from aiproxy.rules.retry import RetryPolicy
+from aiproxy.rules.target import Target, is_origin_form
+
+if TYPE_CHECKING:
+    from aiproxy.ops.metrics import ProxyMetrics
+
+__all__ = ["PROXY_BY", "ProxyCore"]
+
+PROXY_BY = f"aiproxy/{__version__}".encode()
+"""The ``X-Proxy-By`` value of every response."""
+
+NO_RETRIES = RetryPolicy(max_retries=0, backoff_factor=0)
+
+log = Logger(namespace="aiproxy")
+
+
+class ProxyCore:
+    """
+    Answers every request a door hands over; implements the doors' ``RequestHandler``.
+
+    @param target: where requests go.
+    @param upstream: the client that sends them there.
+    @param clock: the time of every timeout.
+    @param endpoints: aiproxy's own endpoints by exact path (``/api/health``...);
+        they answer ``GET`` and ``HEAD``.
+    @param cors: the CORS policy, or L{None} when CORS is off.
+    @param metrics: moved by each request as it starts and ends, if given.
+    @param trusted_proxies: networks whose ``X-Forwarded-For`` is believed for the
+        client address in logs.
+    @param max_concurrent_requests: proxied requests in flight at once (then ``503``);
+        0 for no limit.
+    @param debug: whether ``DEBUG`` lines are logged at all (so that none is built
+        when they are not).
+
+    @ivar cancelled: upstream requests cancelled because their client went away.
+    @ivar retries: upstream requests sent again.
+    @ivar active_streams: event streams being relayed now.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        upstream: UpstreamClient,
+        clock: IReactorTime,
+        *,
+        activity: Activity | None = None,
+        endpoints: Mapping[bytes, Endpoint] | None = None,
+        cors: CorsPolicy | None = None,
+        metrics: ProxyMetrics | None = None,
+        trusted_proxies: Sequence[IPNetwork] = (),
+        request_timeout: float = 300.0,
+        stream_idle_timeout: float = 300.0,
+        total_timeout: float = 0.0,
+        retry_policy: RetryPolicy = NO_RETRIES,
+        max_concurrent_requests: int = 0,
+        debug: bool = False,
+    ) -> None:
+        self.target = target
+        self.host_header = _host_header(target)
+        self.upstream = upstream
+        self.clock = clock
+        self.activity = Activity() if activity is None else activity
+        self.endpoints = dict(endpoints or {})
+        self.cors = cors
+        self.metrics = metrics
+        self.trusted_proxies = tuple(trusted_proxies)
+        self.request_timeout = request_timeout
+        self.total_timeout = total_timeout
+        self.retry_policy = retry_policy
+        self.max_concurrent_requests = max_concurrent_requests
+        self.debug = debug
+        self.idle_sweep = IdleSweep(clock, stream_idle_timeout)
+        self.proxy_by = PROXY_BY
+        self.cancelled = 0
+        self.retries = 0
+        self.active_streams = 0
+        self.proxied_in_flight = 0
+
+    # -- what doors call ---------------------------------------------------------
+
+    def incoming(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: RawHeaders,
+        version: bytes,
+        scheme: bytes,
+        peer: str | None,
+    ) -> Incoming:
+        """The :class:`Incoming` of a request whose head is complete: ID, time, record."""
+        request_id = choose_request_id(header_values(headers, b"x-request-id"))
+        client = peer
+        if self.trusted_proxies:
+            client = original_client(
+                peer, header_values(headers, b"x-forwarded-for"), self.trusted_proxies
+            )
+        record = RequestRecord(
+            method=method.decode("ascii", "replace"),
+            path=target.partition(b"?")[0].decode("ascii", "replace"),
+            client="unix" if client is None else client,
+            request_id=request_id.decode("ascii"),
+        )
+        return Incoming(
+            method, target, headers, version, scheme, peer, request_id, self.clock.seconds(), record
+        )
+
+    def handle(self, request: Incoming, body: RequestBody, client: ClientSide) -> Exchange:
+        """Answer ``request``: a preflight, an endpoint, a refusal, or the upstream's answer."""
+        method = request.method
+        target = request.target
+        cors = self.cors
+        if cors is not None and method == b"OPTIONS" and is_preflight(method, request.headers):
+            return self._answer(request, client, self._preflight)
+        if target == b"*":
+            if method == b"OPTIONS":
+                return self._answer(request, client, _EMPTY_OK)
+            return self._refuse(request, client, MethodNotAllowed("only OPTIONS applies to *"))
+        endpoint = self.endpoints.get(target.partition(b"?")[0]) if self.endpoints else None
+        if endpoint is not None:
+            if method not in OWN_METHODS:
+                shown = method.decode("ascii", "replace")
+                not_allowed = MethodNotAllowed(f"{shown} is not allowed here; use GET")
+                return self._refuse(request, client, not_allowed, [(b"Allow", b"GET, HEAD")])
+            return self._answer(request, client, endpoint)
+        if method == b"CONNECT":
+            return self._refuse(
+                request, client, MethodNotAllowed("CONNECT is not supported by this proxy")
+            )
+        if not is_origin_form(target):
+            return self._refuse(
+                request,
+                client,
+                BadRequestTarget("the request target must be a path beginning with one '/'"),
+            )
+        if is_websocket_upgrade(request.headers):
+            return self._refuse(
+                request, client, WebSocketNotSupported("WebSocket is not supported yet")
+            )
+        limit = self.max_concurrent_requests
+        if limit and self.proxied_in_flight >= limit:
+            overloaded = f"the proxy is handling its limit of {limit} requests; retry shortly"
+            return self._refuse(request, client, Overloaded(overloaded))
+        exchange = ProxyExchange(self, request, body, client)
+        self._started(exchange)
+        if limit:
+            self.proxied_in_flight += 1
+        exchange.start()
+        return exchange
+
+    def refuse(self, request: Incoming, error: Exception, client: ClientSide) -> Exchange:
+        """Answer ``request`` with ``error`` (a ``ProxyError``), logged and counted."""
+        assert isinstance(error, ProxyError), error
+        return self._refuse(request, client, error)
+
+    # -- every request's life ------------------------------------------------------
+
+    def _started(self, handled: _Handled) -> None:
+        record = handled.request.record
+        log.info(
+            "Request started: {method} {path} [Client: {client}] [ID: {request_id}]",
+            method=record.method,
+            path=record.path,
+            client=record.client,
+            request_id=record.request_id,
+        )
+        self.activity.started(handled)
+        if self.metrics is not None:
+            self.metrics.started()
+
+    def ended(self, handled: _Handled, cancelled: bool) -> None:
+        """``handled`` has ended: fill in its record, log it, count it."""
+        if self.max_concurrent_requests and isinstance(handled, ProxyExchange):
+            self.proxied_in_flight -= 1
+        self.activity.ended(handled)
+        request = handled.request
+        record = request.record
+        record.duration = self.clock.seconds() - request.arrived_at
+        record.cancelled = cancelled
+        log.info(record.log_format(), **record.log_fields())
+        if self.metrics is not None:
+            self.metrics.observe(record)
+
+    def _answer(self, request: Incoming, client: ClientSide, endpoint: Endpoint) -> Exchange:
+        """Answer with what ``endpoint`` makes (once the request counts as started)."""
+        answer = LocalAnswer(self, request, client)
+        self._started(answer)
+        answer.answer(endpoint(request))
+        return answer
+
+    def _refuse(
+        self,
+        request: Incoming,
+        client: ClientSide,
+        error: ProxyError,
+        headers: RawHeaders | None = None,
+    ) -> Exchange:
+        answer = LocalAnswer(self, request, client)
+        self._started(answer)
+        if headers:
+            response = error_response(error, request.request_id)
+            answer.answer(
+                LocalResponse(response.status, [*headers, *response.headers], response.body)
+            )
+        else:
+            answer.answer_error(error)
+        return answer
+
+    def _preflight(self, request: Incoming) -> LocalResponse:
+        cors = self.cors
+        assert cors is not None
+        origin = (header_values(request.headers, b"origin") or [b""])[0]
+        if allowed_origin(cors, origin) is None:
+            shown = origin.decode("ascii", "replace")
+            return error_response(
+                OriginNotAllowed(f"the origin {shown!r} is not allowed by CORS"),
+                request.request_id,
+            )
+        headers: RawHeaders = []
+        add_response_headers(headers, preflight_headers(cors, request.headers))
+        return LocalResponse(204, headers)
+
+
+def _empty_ok(request: Incoming) -> LocalResponse:
+    """``OPTIONS *``: nothing to say about the server as a whole."""
+    return LocalResponse(200, [])
+
+
+_EMPTY_OK: Endpoint = _empty_ok
+
+
+def _host_header(target: Target) -> bytes:
+    """The ``Host`` header for ``target``: its host, and its port unless the default."""
+    return target.origin.partition(b"://")[2]
