@@ -5,8 +5,9 @@ Serves a page of its own at ``/``, mounts aiproxy's tree (``/openai/api/health``
 proxy for everything else below ``/openai/``) on one site, and closes the upstream pool
 on shutdown through the application's service hierarchy.
 
-Run it with ``python examples/embed.py http://127.0.0.1:9000`` (the upstream base URL),
-then ``curl http://127.0.0.1:8081/openai/v1/models``.
+Run it with ``python examples/embed.py http://127.0.0.1:9000`` (the upstream base URL;
+a second argument is the port, 8081 by default), then
+``curl http://127.0.0.1:8081/openai/v1/models``.
 """
 
 from __future__ import annotations
@@ -44,4 +45,7 @@ def main(target_url: str, port: int = 8081) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:9000")
+    main(
+        sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:9000",
+        int(sys.argv[2]) if len(sys.argv) > 2 else 8081,
+    )

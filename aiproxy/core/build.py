@@ -54,6 +54,7 @@ def build_core(
             config.max_retries, config.retry_backoff_factor, config.retry_on_status
         ),
         max_concurrent_requests=config.max_concurrent_requests,
+        log_requests=config.twisted_log_level <= LogLevel.info,
         debug=config.twisted_log_level <= LogLevel.debug,
     )
     if config.enable_metrics:

@@ -78,8 +78,10 @@ class ProxyCore:
         client address in logs.
     @param max_concurrent_requests: proxied requests in flight at once (then ``503``);
         0 for no limit.
-    @param debug: whether ``DEBUG`` lines are logged at all (so that none is built
-        when they are not).
+    @param log_requests: whether the per-request ``INFO`` lines (start and completion)
+        are logged at all; false when the log level is above ``INFO``, so that no event
+        is built only to be filtered out.
+    @param debug: whether ``DEBUG`` lines are logged at all (likewise).
 
     @ivar cancelled: upstream requests cancelled because their client went away.
     @ivar retries: upstream requests sent again.
@@ -102,6 +104,7 @@ class ProxyCore:
         total_timeout: float = 0.0,
         retry_policy: RetryPolicy = NO_RETRIES,
         max_concurrent_requests: int = 0,
+        log_requests: bool = True,
         debug: bool = False,
     ) -> None:
         self.target = target
@@ -117,6 +120,7 @@ class ProxyCore:
         self.total_timeout = total_timeout
         self.retry_policy = retry_policy
         self.max_concurrent_requests = max_concurrent_requests
+        self.log_requests = log_requests
         self.debug = debug
         self.idle_sweep = IdleSweep(clock, stream_idle_timeout)
         self.proxy_by = PROXY_BY
@@ -205,13 +209,14 @@ class ProxyCore:
 
     def _started(self, handled: _Handled) -> None:
         record = handled.request.record
-        log.info(
-            "Request started: {method} {path} [Client: {client}] [ID: {request_id}]",
-            method=record.method,
-            path=record.path,
-            client=record.client,
-            request_id=record.request_id,
-        )
+        if self.log_requests:
+            log.info(
+                "Request started: {method} {path} [Client: {client}] [ID: {request_id}]",
+                method=record.method,
+                path=record.path,
+                client=record.client,
+                request_id=record.request_id,
+            )
         self.activity.started(handled)
         if self.metrics is not None:
             self.metrics.started()
@@ -225,7 +230,8 @@ class ProxyCore:
         record = request.record
         record.duration = self.clock.seconds() - request.arrived_at
         record.cancelled = cancelled
-        log.info(record.log_format(), **record.log_fields())
+        if self.log_requests:
+            log.info(record.log_format(), **record.log_fields())
         if self.metrics is not None:
             self.metrics.observe(record)
 

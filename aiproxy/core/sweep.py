@@ -27,8 +27,9 @@ class IdleSweep:
     Expires each watched item that made no progress for ``timeout`` seconds.
 
     The sweep runs every ``timeout / 4`` seconds (at most every second), and only
-    while something is watched, so an item expires between ``timeout`` and
-    ``timeout`` plus one interval after its last progress.
+    while something is watched (one more turn after the last item is forgotten), so an
+    item expires between ``timeout`` and ``timeout`` plus one interval after its last
+    progress.
     """
 
     def __init__(self, clock: IReactorTime, timeout: float) -> None:
@@ -46,9 +47,17 @@ class IdleSweep:
             self._timer = self.clock.callLater(self.interval, self._sweep)
 
     def forget(self, item: Watched) -> None:
-        """Stop watching ``item``."""
+        """
+        Stop watching ``item``. The timer stays until its next turn (and stops there if
+        nothing is watched), so that a busy proxy does not cancel and restart it for
+        every request.
+        """
         self._last_seen.pop(item, None)
-        if not self._last_seen and self._timer is not None:
+
+    def stop(self) -> None:
+        """Stop the timer now and forget everything (the proxy is shutting down)."""
+        self._last_seen.clear()
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring_ascii
 from typing import IO, Any
 
 from twisted.logger import (
@@ -119,18 +120,54 @@ def _text_line(stamp: _SecondStamp, level_names: Mapping[Any, str]) -> Callable[
 def _json_line(stamp: _SecondStamp) -> Callable[[LogEvent], str]:
     def render(event: LogEvent) -> str:
         when = event.get("log_time") or time.time()
-        record: dict[str, Any] = {
-            "time": f"{stamp(when)}.{int(when % 1 * 1000):03d}Z",
-            "level": LEVEL_NAMES.get(event.get("log_level"), "INFO"),
-            "logger": event.get("log_namespace", "-"),
-            "message": format_message(event),
-        }
+        parts = [
+            '{"time": "',
+            stamp(when),
+            f".{int(when % 1 * 1000):03d}Z",
+            '", "level": "',
+            LEVEL_NAMES.get(event.get("log_level"), "INFO"),
+            '", "logger": ',
+            _json_value(event.get("log_namespace", "-")),
+            ', "message": ',
+            _json_value(format_message(event)),
+        ]
         for key, value in event.items():
-            if key[:4] != "log_" and key not in _LEGACY_KEYS and key not in record:
-                record[key] = value
-        return _ENCODER.encode(record) + "\n"
+            if key[:4] != "log_" and key not in _LEGACY_KEYS and key not in _RECORD_KEYS:
+                parts += (", ", _json_string(key), ": ", _json_value(value))
+        parts.append("}\n")
+        return "".join(parts)
 
     return render
+
+
+_RECORD_KEYS = frozenset({"time", "level", "logger", "message"})
+"""The keys every JSON line starts with; an event field of the same name is left out."""
+
+_json_string = encode_basestring_ascii
+
+
+def _json_float(value: float) -> str:
+    if value - value == 0.0:  # finite: JSON's own spelling is Python's repr
+        return float.__repr__(value)
+    return _ENCODER.encode(value)  # NaN and the infinities, as the standard encoder spells them
+
+
+_JSON_SCALARS: dict[type, Callable[[Any], str]] = {
+    str: encode_basestring_ascii,
+    int: int.__repr__,
+    float: _json_float,
+    bool: lambda value: "true" if value else "false",
+    type(None): lambda value: "null",
+}
+
+
+def _json_value(value: object) -> str:
+    """``value`` as JSON: strings, numbers, booleans and None at once, anything else
+    (containers, objects through ``repr``) by the standard encoder."""
+    scalar = _JSON_SCALARS.get(type(value))
+    if scalar is not None:
+        return scalar(value)
+    return _ENCODER.encode(value)
 
 
 @implementer(ILogObserver)

@@ -6,9 +6,10 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
+from aiproxy.core.handler import ProxyCore
 from aiproxy.core.interfaces import UpstreamClient
 
-__all__ = ["PoolService", "SequentialMultiService"]
+__all__ = ["CoreService", "PoolService", "SequentialMultiService"]
 
 log = Logger(namespace="aiproxy")
 
@@ -23,6 +24,18 @@ class PoolService(Service):
         """Close every pooled connection; fires when they are closed."""
         super().stopService()
         return self.pool.close()
+
+
+class CoreService(Service):
+    """Stops the proxy core's timers when the application stops."""
+
+    def __init__(self, core: ProxyCore) -> None:
+        self.core = core
+
+    def stopService(self) -> None:
+        """Stop the idle sweep."""
+        super().stopService()
+        self.core.idle_sweep.stop()
 
 
 class SequentialMultiService(MultiService):

@@ -30,7 +30,7 @@ from aiproxy.ops.logs import use_aiproxy_logging
 from aiproxy.ops.metrics import MetricsPublisher, SharedMetrics
 from aiproxy.run.drain import DrainService
 from aiproxy.run.listening import inherited, shared_if_inherited, with_backlog
-from aiproxy.run.service import PoolService, SequentialMultiService
+from aiproxy.run.service import CoreService, PoolService, SequentialMultiService
 from aiproxy.run.workers import FIRST_FD, INHERITED_PORTS, METRICS_DIR, WorkerSupervisor
 from aiproxy.server.http1 import ClientLimits, HTTP11Factory
 from aiproxy.server.negotiate import NegotiatingFactory
@@ -113,6 +113,7 @@ def build_service(
     top = SequentialMultiService()
     if shared_metrics is not None and core.metrics is not None:
         MetricsPublisher(core.metrics, shared_metrics, reactor).setServiceParent(top)
+    CoreService(core).setServiceParent(top)
     PoolService(upstream).setServiceParent(top)
     drain = DrainService(activity, reactor, config.graceful_timeout)
     drain.setServiceParent(top)

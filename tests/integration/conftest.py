@@ -119,6 +119,7 @@ async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
     yield start
     for proxy in started:
         await within(proxy.listening.stopListening(), 5)
+        proxy.core.idle_sweep.stop()
         await within(proxy.pool.close(), 5)
 
 

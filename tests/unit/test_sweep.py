@@ -57,12 +57,28 @@ def test_one_timer_for_many_streams() -> None:
 
 
 def test_no_timer_once_nothing_is_watched() -> None:
-    """When the last stream is forgotten, the sweep stops."""
+    """When the last stream is forgotten, the sweep stops at its next turn; ``stop``
+    stops it at once."""
     clock = Clock()
     sweep = IdleSweep(clock, 300.0)
     stream = watched(sweep, clock)
     sweep.forget(stream)
+    clock.advance(1.0)
     assert clock.getDelayedCalls() == []
+    watched(sweep, clock)
+    sweep.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_busy_proxy_keeps_one_timer() -> None:
+    """Streams that come and go one after another do not restart the timer each time."""
+    clock = Clock()
+    sweep = IdleSweep(clock, 300.0)
+    first = watched(sweep, clock)
+    [timer] = clock.getDelayedCalls()
+    sweep.forget(first)
+    watched(sweep, clock)
+    assert clock.getDelayedCalls() == [timer]
 
 
 def test_the_interval_is_at_most_a_second() -> None:
