@@ -18,8 +18,8 @@ __all__ = ["RequestRecord"]
 @attrs.define
 class RequestRecord:
     """
-    One request's record, filled in by :class:`aiproxy.request.ProxyRequest` (the
-    client side) and by the proxy resource (the upstream side).
+    One request's record, made by :meth:`aiproxy.core.handler.ProxyCore.incoming`,
+    filled in by the door (the body's bytes) and the core (everything else).
 
     @ivar client: the client's address (see :func:`aiproxy.rules.headers.original_client`),
         ``unix`` for a UNIX socket peer.

@@ -100,12 +100,7 @@ def build_service(
         and finds theirs.
     @raise ConfigError: an endpoint string cannot be parsed.
     """
-    upstream = UpstreamPool(
-        reactor,
-        config.target,
-        connect_timeout=config.connect_timeout,
-        ssl_verify=config.ssl_verify,
-    )
+    upstream = UpstreamPool.from_config(reactor, config)
     activity = Activity()
     core = build_core(config, upstream, reactor, activity, shared_metrics)
     # Services stop one after another, in reverse order: the drain (listeners first),

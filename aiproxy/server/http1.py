@@ -62,9 +62,9 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aiproxy._version import __version__
 from aiproxy.core.activity import Activity
 from aiproxy.core.admission import is_websocket_upgrade
+from aiproxy.core.handler import PROXY_BY
 from aiproxy.core.interfaces import Exchange, Incoming, RawHeaders, RequestBody, RequestHandler
 from aiproxy.errors import (
     BodyTooLarge,
@@ -109,9 +109,6 @@ to read the error, instead of a connection reset (RFC 9112 section 9.6).
 
 CLOSE_TIMEOUT = 15.0
 """Seconds a closing connection may take to flush what is left; then it is aborted."""
-
-PROXY_BY = f"aiproxy/{__version__}".encode()
-"""The ``X-Proxy-By`` value of every response."""
 
 _EARLY = 0.001
 """Seconds a deadline check may run early (float rounding) and still count as due."""

@@ -17,21 +17,27 @@ from typing import Any
 
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aiproxy._twisted import GenericHTTPChannelProtocol
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.body import body_of
 from aiproxy.core.build import build_core
+from aiproxy.core.endpoints import error_response
 from aiproxy.core.handler import ProxyCore
 from aiproxy.core.interfaces import RawHeaders, UpstreamClient
-from aiproxy.errors import BodyTooLarge, ProxyError
+from aiproxy.errors import BodyTooLarge, InternalError, ProxyError
 from aiproxy.ops.metrics import SharedMetrics
 from aiproxy.rules.target import local_target
-from aiproxy.server.web_channel import ClientLimits, ProxyChannel
+from aiproxy.server.http1 import ClientLimits
+from aiproxy.server.web_channel import ProxyChannel
+
+log = Logger(namespace="aiproxy")
 
 __all__ = [
     "ProxyRequest",
@@ -224,10 +230,7 @@ class ProxyRequest(Request):
 
     def processingFailed(self, reason: Failure) -> None:
         """A bug while rendering: log it and answer with the JSON 500 error."""
-        from aiproxy.core.endpoints import error_response
-        from aiproxy.errors import InternalError
-
-        log_failure(reason)
+        log.failure("Unhandled error while rendering", reason)
         if self.startedWriting:
             self.channel.transport.abortConnection()  # type: ignore[union-attr]
             return
@@ -238,13 +241,6 @@ class ProxyRequest(Request):
         self.setHeader(b"Content-Length", b"%d" % len(response.body))
         self.write(response.body)
         self.finish()
-
-
-def log_failure(reason: Failure) -> None:
-    """Log a bug met while rendering."""
-    from twisted.logger import Logger
-
-    Logger(namespace="aiproxy").failure("Unhandled error while rendering", reason)
 
 
 class ProxySite(Site):
@@ -267,8 +263,6 @@ class ProxySite(Site):
 
     def protocol(self) -> Any:
         """A new connection: a :class:`ProxyChannel`, switched to HTTP/2 by ALPN."""
-        from aiproxy._twisted import GenericHTTPChannelProtocol
-
         return GenericHTTPChannelProtocol(ProxyChannel(self.limits, self.reactor, self.activity))
 
     def log(self, request: Any) -> None:

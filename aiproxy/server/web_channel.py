@@ -14,7 +14,6 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
-import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -22,14 +21,14 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
 
-from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.handler import PROXY_BY
 from aiproxy.errors import ClientTooSlow, HeadTooLarge, InvalidRequest, ProxyError, error_body
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, framing_error
 from aiproxy.rules.headers import choose_request_id
+from aiproxy.server.http1 import LINGER, ClientLimits
 
-__all__ = ["ClientLimits", "ProxyChannel"]
+__all__ = ["ProxyChannel"]
 
 log = Logger(namespace="aiproxy")
 
@@ -37,30 +36,6 @@ _HEAD = "head"
 _BODY = "body"
 _EARLY = 0.001
 """Seconds a deadline check may run early (float rounding) and still count as due."""
-
-LINGER = 5.0
-"""
-Seconds a refused client may go on sending (what it sends is dropped) before its
-connection is closed, so that a client that sends its whole body before reading gets
-to read the error, instead of a connection reset (RFC 9112 section 9.6).
-"""
-
-
-@attrs.frozen
-class ClientLimits:
-    """How much a client may send, and how slowly."""
-
-    max_body_size: int
-    """The largest request body, in bytes."""
-    header_timeout: float
-    """Seconds from the first byte of a request head to its end; also the body's grace."""
-    body_min_rate: int
-    """Bytes per second a request body must average after the grace; 0 for no limit."""
-
-    @classmethod
-    def from_config(cls, config: Config) -> ClientLimits:
-        """The limits ``config`` sets."""
-        return cls(config.max_body_size, config.header_timeout, config.body_min_rate)
 
 
 class ProxyChannel(HTTPChannel):

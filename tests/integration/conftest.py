@@ -103,12 +103,7 @@ async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
 
     def start(target_url: str, **settings: Any) -> Proxy:
         config = Config(target_url=target_url, **settings)
-        pool = UpstreamPool(
-            reactor,
-            config.target,
-            connect_timeout=config.connect_timeout,
-            ssl_verify=config.ssl_verify,
-        )
+        pool = UpstreamPool.from_config(reactor, config)
         activity = Activity()
         core = build_core(config, pool, reactor, activity)
         factory = HTTP11Factory(core, reactor, activity, ClientLimits.from_config(config))

@@ -36,7 +36,7 @@ async def h2_proxy(upstream: Upstream) -> AsyncIterator[tuple[int, Any]]:
         acceptableProtocols=[b"h2", b"http/1.1"],
     )
     config = Config(target_url=upstream.url, max_body_size=1000)
-    pool = UpstreamPool(reactor, config.target, connect_timeout=config.connect_timeout)
+    pool = UpstreamPool.from_config(reactor, config)
     root = build_resource(config, pool, reactor)
     site = build_site(root, reactor, config=config)
     port = reactor.listenSSL(0, site, options, interface=LOOPBACK)

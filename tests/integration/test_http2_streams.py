@@ -74,7 +74,7 @@ async def h2_proxy(upstream: Upstream, tmp_path: Path) -> AsyncIterator[H2Proxy]
     issued.cert_chain_pems[0].write_to_path(str(certificate))
 
     config = Config(target_url=upstream.url)
-    pool = UpstreamPool(reactor, config.target, connect_timeout=config.connect_timeout)
+    pool = UpstreamPool.from_config(reactor, config)
     activity = Activity()
     core = build_core(config, pool, reactor, activity)
     factory = listener_factory(core, config, reactor, tls=True)

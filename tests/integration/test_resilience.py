@@ -60,7 +60,7 @@ async def bare_proxy() -> AsyncIterator[Callable[..., BareProxy]]:
         options.setdefault("request_timeout", 10)
         options.setdefault("retry_policy", JITTER_ONE)
         config = Config(target_url=target_url)
-        pool = UpstreamPool(reactor, config.target, connect_timeout=config.connect_timeout)
+        pool = UpstreamPool.from_config(reactor, config)
         core = ProxyCore(config.target, pool, reactor, **options)
         factory = HTTP11Factory(core, reactor, core.activity, ClientLimits.from_config(config))
         proxy = BareProxy(core, reactor.listenTCP(0, factory, interface=LOOPBACK))

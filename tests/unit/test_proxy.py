@@ -592,3 +592,28 @@ def test_a_bug_while_relaying_answers_500_json(proxy: Proxy) -> None:
     assert response.status == 500
     error = error_of(response)
     assert (error["type"], error["request_id"]) == ("internal_error", "req-bug")
+
+
+def test_response_head_keeps_the_upstreams_order_and_case() -> None:
+    """aiproxy's HTTP/1.1 server writes the upstream's header lines in their order and
+    letter case, aiproxy's own after them, and the head with the first body bytes."""
+    proxy = start_proxy("http1")
+    proxy.client.request(b"GET", b"/v1/models")
+    upstream = [
+        (b"x-zeta", b"1"),
+        (b"Content-TYPE", b"application/json"),
+        (b"X-alpha", b"2"),
+        (b"x-zeta", b"3"),
+        (b"content-length", b"2"),
+    ]
+    response = proxy.upstream.last.respond(200, upstream)
+    response.send(b"ok")
+    response.end()
+    seen = proxy.client.response()
+    assert seen.raw_headers[: len(upstream)] == upstream
+    assert [name for name, _ in seen.raw_headers[len(upstream) :]][:3] == [
+        b"X-Request-ID",
+        b"X-Process-Time",
+        b"X-Proxy-By",
+    ]
+    assert seen.body == b"ok"
