@@ -20,6 +20,9 @@ client use public Twisted APIs only.
   TLS).
 - ``StreamServerEndpointService._raiseSynchronously``: a listener that cannot open its
   port fails ``startService`` instead of logging and running on without it.
+- A TCP (or UNIX) connection's write buffers (``dataBuffer``, ``offset``,
+  ``_tempDataBuffer``, ``_writeDisconnected``) and ``socket``, read by
+  :func:`write_now` to send at once when nothing is queued.
 - A server endpoint's ``_interface``, ``_port``, ``_backlog`` (TCP, ``ssl:``) and
   ``_address``, ``_backlog``, ``_mode`` (UNIX): what the parent of worker processes
   binds itself, exactly as the endpoint string says.
@@ -44,6 +47,7 @@ __all__ = [
     "server_address",
     "ssl_context_factory",
     "unix_port_from_descriptor",
+    "write_now",
 ]
 
 BAD_REQUEST_HOOK = "_respondToBadRequestAndDisconnect"
@@ -104,3 +108,38 @@ def fail_if_cannot_listen(listener: Any) -> None:
     """Make a ``StreamServerEndpointService`` raise from ``startService`` when its port
     cannot be opened."""
     listener._raiseSynchronously = True
+
+
+_DIRECT_SEND = (tcp.Connection,)
+"""Transports whose socket :func:`write_now` may write to itself (TCP and UNIX ones,
+not TLS, whose bytes must go through OpenSSL)."""
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write ``data`` to ``transport``, sending it at once when nothing is queued.
+
+    ``transport.write`` queues the bytes and sends them on the reactor's next turn,
+    registering the socket for writability and unregistering it again: two
+    ``epoll_ctl`` calls and a loop turn for every small write (a response, an event).
+    When the transport is a plain TCP or UNIX connection with an empty buffer, this
+    sends what the socket takes now and queues only the rest, through
+    ``transport.write``, so flow control and error handling stay Twisted's.
+    """
+    if (
+        isinstance(transport, _DIRECT_SEND)
+        and not transport.TLS
+        and transport.connected
+        and not transport.disconnecting
+        and not transport._writeDisconnected
+        and not transport._tempDataBuffer
+        and transport.offset == len(transport.dataBuffer)
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, or an error Twisted reports on its own write
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)

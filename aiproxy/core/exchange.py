@@ -342,6 +342,8 @@ class ProxyExchange(_Handled):
             self.client.pause_upstream_with(response.producer)
             core.idle_sweep.watch(self)
         response.deliver(self)
+        if not self.done:
+            self.client.flush()
 
     def body_received(self, pieces: list[bytes], raw_chunked: bytes | None) -> None:
         """Pass body bytes on at once, and show them to the usage meter."""

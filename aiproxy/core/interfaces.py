@@ -173,6 +173,13 @@ class ClientSide(Protocol):
             client framing is chunked may write these as they are.
         """
 
+    def flush(self) -> None:
+        """
+        Send the head now if the door holds it (it may hold it until the first body
+        bytes, so that both go out in one write); the core calls this once it has passed
+        on whatever body bytes came with the upstream's head.
+        """
+
     def finish(self) -> None:
         """The body is complete: end the response cleanly."""
 

@@ -62,6 +62,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aiproxy._twisted import write_now
 from aiproxy.core.activity import Activity
 from aiproxy.core.admission import is_websocket_upgrade
 from aiproxy.core.handler import PROXY_BY
@@ -254,6 +255,7 @@ class HTTP11Request:
     exchange: Exchange | None = None
     incoming: Incoming | None = None
     _head_sent = False
+    _held_head = b""
     _has_body = False
     _chunked = False
     _producing = False
@@ -307,29 +309,36 @@ class HTTP11Request:
         lines = [b"HTTP/1.1 %d %s" % (status, reason)]
         lines += map(_FIELD, headers)
         lines.append(end)
-        connection._transport.write(b"\r\n".join(lines))
+        # Held until the first body bytes or the end, so that both go in one write.
+        self._held_head = b"\r\n".join(lines)
 
     def send_body(self, pieces: Sequence[bytes], raw_chunked: bytes | None) -> None:
         """Write body bytes, chunk-framed for a chunked response (``raw_chunked`` as is)."""
-        if not self._has_body or self.ended:
+        if self.ended:
             return
-        transport = self._connection._transport
+        if not self._has_body:
+            self.flush()
+            return
         if self._chunked:
             if raw_chunked is not None:
-                if raw_chunked:
-                    transport.write(raw_chunked)
-                return
-            framed: list[bytes] = []
-            for piece in pieces:
-                if piece:
-                    framed += (b"%x\r\n" % len(piece), piece, _END)
-            if framed:
-                transport.writeSequence(framed)
-        elif len(pieces) == 1:
-            if pieces[0]:
-                transport.write(pieces[0])
-        elif pieces:
-            transport.writeSequence(pieces)
+                data = raw_chunked
+            else:
+                data = b"".join(
+                    [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces if piece]
+                )
+        else:
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if self._held_head:
+            data = self._held_head + data
+            self._held_head = b""
+        if data:
+            write_now(self._connection._transport, data)
+
+    def flush(self) -> None:
+        """Send the head now if it is still held (no body bytes came with it)."""
+        if self._held_head and not self.ended:
+            head, self._held_head = self._held_head, b""
+            write_now(self._connection._transport, head)
 
     def finish(self) -> None:
         """End the response: the last chunk, then the next request (or the close)."""
@@ -338,8 +347,10 @@ class HTTP11Request:
         if not self._head_sent:  # nothing to end: the client must not wait for more
             self.abort()
             return
-        if self._chunked:
-            self._connection._transport.write(_LAST_CHUNK)
+        data = self._held_head + _LAST_CHUNK if self._chunked else self._held_head
+        self._held_head = b""
+        if data:
+            write_now(self._connection._transport, data)
         self._connection._response_ended(self)
 
     def abort(self) -> None:
@@ -347,6 +358,7 @@ class HTTP11Request:
         if self.ended:
             return
         self.ended = True
+        self._held_head = b""
         self._connection._abort()
 
     def pause_upstream_with(self, producer: IPushProducer | None) -> None:

@@ -128,6 +128,9 @@ class WebClientSide:
         for piece in pieces:
             write(piece)
 
+    def flush(self) -> None:
+        """Nothing is held: :meth:`send_head` sent the head already."""
+
     def finish(self) -> None:
         """End the response."""
         if self.ended:

@@ -46,6 +46,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from aiproxy._twisted import write_now
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES
 from aiproxy.upstream.errors import (
     BadResponse,
@@ -516,7 +517,7 @@ class UpstreamConnection(Protocol):
         transport = self._transport
         assert transport is not None
         if isinstance(body, bytes):
-            transport.write(head + body if body else head)
+            write_now(transport, head + body if body else head)
             return
         self._body = body
         writer = self._body_writer = _BodyWriter(self, body.length is None)

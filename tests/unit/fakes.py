@@ -94,11 +94,14 @@ class FakeResponse:
         self.producer = FakeProducer()
         self.sink: ResponseSink | None = None
         self.aborted = False
+        self.with_head = b""
 
     def deliver(self, sink: ResponseSink) -> None:
         self.sink = sink
         if not self.has_body:
             sink.body_done()
+        elif self.with_head:
+            sink.body_received([self.with_head], None)
 
     def abort(self) -> None:
         self.aborted = True
@@ -173,14 +176,17 @@ class UpstreamCall:
         code: int = 200,
         headers: dict[bytes, list[bytes]] | Iterable[tuple[bytes, bytes]] | None = None,
         phrase: bytes = b"OK",
+        with_head: bytes = b"",
     ) -> FakeResponse:
-        """The upstream answers with response headers; the body follows."""
+        """The upstream answers with response headers (and ``with_head``, body bytes
+        that came in the same read); the rest of the body follows."""
         if isinstance(headers, dict):
             raw = [(name, value) for name, values in headers.items() for value in values]
         else:
             raw = list(headers or ())
         has_body = self.method != b"HEAD" and code not in (204, 304)
         self.response = FakeResponse(code, phrase, raw, has_body)
+        self.response.with_head = with_head
         self.deferred.callback(self.response)
         return self.response
 
@@ -260,11 +266,23 @@ def _dechunk(data: bytes) -> tuple[bytes, bool]:
         data = data[size + 2 :]
 
 
+class WriteRecordingTransport(StringTransport):
+    """A ``StringTransport`` that also keeps each write apart."""
+
+    def __init__(self, peerAddress: IPv4Address) -> None:
+        super().__init__(peerAddress=peerAddress)
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
 class ClientConnection:
     """One client connection to a server ``factory``, over a ``StringTransport``."""
 
     def __init__(self, factory: Factory, peer: IPv4Address = CLIENT_ADDRESS) -> None:
-        self.transport = StringTransport(peerAddress=peer)
+        self.transport = WriteRecordingTransport(peer)
         self.protocol = factory.buildProtocol(None)
         self.protocol.makeConnection(self.transport)
 

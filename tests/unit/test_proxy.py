@@ -617,3 +617,21 @@ def test_response_head_keeps_the_upstreams_order_and_case() -> None:
         b"X-Proxy-By",
     ]
     assert seen.body == b"ok"
+
+
+def test_the_head_goes_out_with_the_first_body_bytes() -> None:
+    """When body bytes come with the upstream's head, the client gets head and body in
+    one write; when none do, the head goes at once (a stream's first event may be late)."""
+    proxy = start_proxy("http1")
+    proxy.client.request(b"GET", b"/v1/models")
+    proxy.upstream.last.respond(200, [(b"Content-Length", b"2")], with_head=b"ok").end()
+    [write] = proxy.client.transport.writes
+    assert write.startswith(b"HTTP/1.1 200 OK\r\n") and write.endswith(b"\r\n\r\nok")
+
+    proxy.client.transport.writes.clear()
+    proxy.client.request(b"GET", b"/v1/stream")
+    response = proxy.upstream.last.respond(200, [(b"Content-Type", b"text/event-stream")])
+    [head] = proxy.client.transport.writes
+    assert head.endswith(b"\r\n\r\n")
+    response.send(b"data: 1\n\n")
+    assert proxy.client.transport.writes[1] == b"9\r\ndata: 1\n\n\r\n"

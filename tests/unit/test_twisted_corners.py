@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import inspect
 import socket
+from typing import Any
 
+import pytest_twisted
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints, tcp, unix
+from twisted.internet import endpoints, reactor, tcp, unix
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
 from twisted.web import http
 
@@ -87,3 +92,32 @@ def test_a_listener_can_be_made_to_fail_at_start() -> None:
     assert hasattr(listener, "_raiseSynchronously")
     _twisted.fail_if_cannot_listen(listener)
     assert listener._raiseSynchronously is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_now_sends_at_once_on_a_tcp_connection() -> None:
+    """A plain TCP connection still has the buffers write_now reads, and with nothing
+    queued the bytes leave at once, without waiting for the reactor's next turn."""
+    received: list[bytes] = []
+
+    class Sink(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            received.append(data)
+
+    listening = reactor.listenTCP(0, Factory.forProtocol(Sink), interface="127.0.0.1")
+    client: Protocol = await connectProtocol(
+        TCP4ClientEndpoint(reactor, "127.0.0.1", listening.getHost().port), Protocol()
+    )
+    try:
+        transport: Any = client.transport
+        assert isinstance(transport, tcp.Connection)
+        for name in ("dataBuffer", "offset", "_tempDataBuffer", "_writeDisconnected", "TLS"):
+            assert hasattr(transport, name), name
+        _twisted.write_now(transport, b"hello")
+        assert transport._tempDataBuffer == [] and transport.dataBuffer == b""
+        await deferLater(reactor, 0.05, lambda: None)
+        assert b"".join(received) == b"hello"
+    finally:
+        transport.loseConnection()
+        await listening.stopListening()
+        await deferLater(reactor, 0.05, lambda: None)
