@@ -149,6 +149,7 @@ class ProxyExchange(_Handled):
         "body",
         "bytes_out",
         "deadline",
+        "wait",
         "head",
         "headers_timer",
         "meter",
@@ -178,6 +179,7 @@ class ProxyExchange(_Handled):
         self.stream = False
         self.head = b""
         self.deadline = 0.0
+        self.wait = 0.0
 
     # -- sending -------------------------------------------------------------------
 
@@ -202,6 +204,7 @@ class ProxyExchange(_Handled):
         if core.total_timeout:
             wait = min(wait, core.total_timeout)
             self.total_timer = clock.callLater(core.total_timeout, self._total_expired)
+        self.wait = wait  # REQUEST_TIMEOUT, or TOTAL_TIMEOUT if sooner
         self.deadline = clock.seconds() + wait
         self.headers_timer = clock.callLater(wait, self._headers_expired)
         self._send()
@@ -255,7 +258,7 @@ class ProxyExchange(_Handled):
         exception: BaseException = failure.value  # type: ignore[assignment]
         if self.timed_out:
             exception = UpstreamTimeout(
-                f"the upstream sent no response headers within {self.deadline_wait():g}s"
+                f"the upstream sent no response headers within {self.wait:g}s"
             )
         verdict = classify(exception)
         if self._may_retry(verdict.retry):
@@ -280,13 +283,6 @@ class ProxyExchange(_Handled):
                 request_id=record.request_id,
             )
         self.answer_error(verdict.error)
-
-    def deadline_wait(self) -> float:
-        """Seconds the response head may take (``REQUEST_TIMEOUT``, or ``TOTAL_TIMEOUT``)."""
-        core = self.core
-        if core.total_timeout:
-            return min(core.request_timeout, core.total_timeout)
-        return core.request_timeout
 
     def _headers_expired(self) -> None:
         self.headers_timer = None
