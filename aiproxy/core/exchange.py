@@ -149,7 +149,6 @@ class ProxyExchange(_Handled):
         "body",
         "bytes_out",
         "deadline",
-        "wait",
         "head",
         "headers_timer",
         "meter",
@@ -159,6 +158,7 @@ class ProxyExchange(_Handled):
         "stream",
         "timed_out",
         "total_timer",
+        "wait",
     )
 
     def __init__(
