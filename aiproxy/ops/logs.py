@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from json.encoder import encode_basestring_ascii
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from twisted.logger import (
     ILogObserver,
@@ -35,6 +34,8 @@ from zope.interface import implementer
 from aiproxy.rules.redact import redact_text
 
 __all__ = [
+    "ATOMIC_WRITE",
+    "LogClock",
     "format_message",
     "json_log_observer",
     "text_log_observer",
@@ -118,82 +119,121 @@ def _text_line(stamp: _SecondStamp, level_names: Mapping[Any, str]) -> Callable[
 
 
 def _json_line(stamp: _SecondStamp) -> Callable[[LogEvent], str]:
+    encode = _ENCODER.encode
+
     def render(event: LogEvent) -> str:
         when = event.get("log_time") or time.time()
-        parts = [
-            '{"time": "',
-            stamp(when),
-            f".{int(when % 1 * 1000):03d}Z",
-            '", "level": "',
-            LEVEL_NAMES.get(event.get("log_level"), "INFO"),
-            '", "logger": ',
-            _json_value(event.get("log_namespace", "-")),
-            ', "message": ',
-            _json_value(format_message(event)),
-        ]
+        record = {
+            "time": f"{stamp(when)}.{int(when % 1 * 1000):03d}Z",
+            "level": LEVEL_NAMES.get(event.get("log_level"), "INFO"),
+            "logger": event.get("log_namespace", "-"),
+            "message": format_message(event),
+        }
         for key, value in event.items():
-            if key[:4] != "log_" and key not in _LEGACY_KEYS and key not in _RECORD_KEYS:
-                parts += (", ", _json_string(key), ": ", _json_value(value))
-        parts.append("}\n")
-        return "".join(parts)
+            if key[:4] != "log_" and key not in _SKIPPED_KEYS:
+                record[key] = value
+        return encode(record) + "\n"
 
     return render
 
 
-_RECORD_KEYS = frozenset({"time", "level", "logger", "message"})
-"""The keys every JSON line starts with; an event field of the same name is left out."""
-
-_json_string = encode_basestring_ascii
-
-
-def _json_float(value: float) -> str:
-    if value - value == 0.0:  # finite: JSON's own spelling is Python's repr
-        return float.__repr__(value)
-    return _ENCODER.encode(value)  # NaN and the infinities, as the standard encoder spells them
+_SKIPPED_KEYS = frozenset({"time", "level", "logger", "message"}) | _LEGACY_KEYS
+"""
+Keys left out of a JSON line's fields: the four every line starts with (an event field
+of the same name would hide them) and twisted.python.log's legacy duplicates.
+"""
 
 
-_JSON_SCALARS: dict[type, Callable[[Any], str]] = {
-    str: encode_basestring_ascii,
-    int: int.__repr__,
-    float: _json_float,
-    bool: lambda value: "true" if value else "false",
-    type(None): lambda value: "null",
-}
+class LogClock(Protocol):
+    """What a line observer needs of the reactor to write lines in batches."""
+
+    running: bool
+
+    def callLater(self, delay: float, f: Callable[[], object], /) -> object:
+        """Call ``f`` after ``delay`` seconds (0: on the next turn)."""
+
+    def addSystemEventTrigger(self, phase: str, event: str, f: Callable[[], object], /) -> object:
+        """Call ``f`` at ``phase`` of ``event`` (``"after"``, ``"shutdown"``)."""
 
 
-def _json_value(value: object) -> str:
-    """``value`` as JSON: strings, numbers, booleans and None at once, anything else
-    (containers, objects through ``repr``) by the standard encoder."""
-    scalar = _JSON_SCALARS.get(type(value))
-    if scalar is not None:
-        return scalar(value)
-    return _ENCODER.encode(value)
+ATOMIC_WRITE = 4096
+"""
+Bytes a batch of lines may take in one write: ``PIPE_BUF`` on Linux, the most a pipe
+shared by several worker processes takes in one piece, so lines never interleave.
+"""
 
 
 @implementer(ILogObserver)
 class _LineObserver:
-    def __init__(self, out: IO[str], render: Callable[[LogEvent], str]) -> None:
+    """
+    Writes each event as one line. While ``reactor`` runs, lines below ``WARNING`` are
+    gathered and written once per reactor turn, in writes of whole lines of at most
+    :data:`ATOMIC_WRITE` bytes (a request's two lines cost no system call of their own);
+    a warning or worse is written at once, after what was gathered, and whatever is
+    gathered at shutdown is written then.
+    """
+
+    def __init__(
+        self, out: IO[str], render: Callable[[LogEvent], str], reactor: LogClock | None
+    ) -> None:
         self._out = out
         self._render = render
+        self._reactor = reactor
+        self._lines: list[str] = []
+        self._size = 0
+        if reactor is not None:
+            reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
     def __call__(self, event: LogEvent) -> None:
-        self._out.write(self._render(event))
+        line = self._render(event)
+        reactor = self._reactor
+        if reactor is None or not reactor.running or event.get("log_level") in _AT_ONCE:
+            self._lines.append(line)
+            self.flush()
+            return
+        if not self._lines:
+            reactor.callLater(0, self.flush)
+        elif self._size + len(line) * 4 > ATOMIC_WRITE:
+            self._write_gathered()
+        self._lines.append(line)
+        self._size += len(line) if line.isascii() else len(line.encode())
+
+    def flush(self) -> None:
+        """Write every gathered line now."""
+        if self._lines:
+            self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        batch = "".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        self._out.write(batch)
         self._out.flush()
 
 
-def text_log_observer(out: IO[str], *, colour: bool = False) -> ILogObserver:
+_AT_ONCE = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+
+
+def text_log_observer(
+    out: IO[str], *, colour: bool = False, reactor: LogClock | None = None
+) -> ILogObserver:
     """
     An observer writing ``date time - logger - LEVEL - message`` lines to ``out``, the
-    level in ANSI colour if ``colour``.
+    level in ANSI colour if ``colour``; in batches per turn of ``reactor``, if given
+    (see :class:`_LineObserver`).
     """
     names = _COLOURED_LEVEL_NAMES if colour else LEVEL_NAMES
     stamp = _SecondStamp("%Y-%m-%d %H:%M:%S", time.localtime)
-    return _LineObserver(out, _text_line(stamp, names))
+    return _LineObserver(out, _text_line(stamp, names), reactor)
 
 
-def json_log_observer(out: IO[str]) -> ILogObserver:
-    """An observer writing one JSON object per line to ``out``; times are in UTC."""
-    return _LineObserver(out, _json_line(_SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)))
+def json_log_observer(out: IO[str], *, reactor: LogClock | None = None) -> ILogObserver:
+    """
+    An observer writing one JSON object per line to ``out``, times in UTC; in batches
+    per turn of ``reactor``, if given (see :class:`_LineObserver`).
+    """
+    stamp = _SecondStamp("%Y-%m-%dT%H:%M:%S", time.gmtime)
+    return _LineObserver(out, _json_line(stamp), reactor)
 
 
 def use_colour(out: IO[str], environ: Mapping[str, str]) -> bool:
@@ -205,7 +245,11 @@ def use_colour(out: IO[str], environ: Mapping[str, str]) -> bool:
 
 
 def use_aiproxy_logging(
-    options: usage.Options, level: LogLevel, log_format: str, environ: Mapping[str, str]
+    options: usage.Options,
+    level: LogLevel,
+    log_format: str,
+    environ: Mapping[str, str],
+    reactor: LogClock | None = None,
 ) -> tuple[LogLevel, str]:
     """
     Make ``twist`` log with aiproxy's observers, at ``level`` (from ``LOG_LEVEL``), in
@@ -220,7 +264,8 @@ def use_aiproxy_logging(
        by default) is a terminal, JSON otherwise.
 
     Text lines are coloured when :func:`use_colour` says so for the log file, whichever
-    rule chose text. ``twist`` records ``--log-format`` just as it records its own
+    rule chose text. Given ``reactor``, lines below ``WARNING`` are written in batches,
+    once per reactor turn. ``twist`` records ``--log-format`` just as it records its own
     default (text if standard output is a terminal, JSON otherwise), so a
     ``--log-format`` that names that default counts as not given. This only makes a
     difference with a ``--log-file`` other than standard output, where ``LOG_FORMAT``
@@ -238,9 +283,12 @@ def use_aiproxy_logging(
         log_format = _twist_log_format(parent)
 
     def text(out: IO[str]) -> ILogObserver:
-        return text_log_observer(out, colour=use_colour(out, environ))
+        return text_log_observer(out, colour=use_colour(out, environ), reactor=reactor)
 
-    parent["fileLogObserverFactory"] = json_log_observer if log_format == "json" else text
+    def json_lines(out: IO[str]) -> ILogObserver:
+        return json_log_observer(out, reactor=reactor)
+
+    parent["fileLogObserverFactory"] = json_lines if log_format == "json" else text
     return parent["logLevel"], log_format
 
 

@@ -149,7 +149,7 @@ def makeService(options: Options) -> IService:
 
     config: Config = options["config"]
     level, log_format = use_aiproxy_logging(
-        options, config.twisted_log_level, config.log_format, os.environ
+        options, config.twisted_log_level, config.log_format, os.environ, reactor
     )
     # Worker processes log as this one does, whatever twist's own options said.
     config = attrs.evolve(config, log_level=log_level_name(level), log_format=log_format)

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 from twisted.application.twist import _options
 from twisted.application.twist._options import TwistOptions
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from aiproxy.ops.logs import (
+    ATOMIC_WRITE,
     format_message,
     json_log_observer,
     text_log_observer,
@@ -299,3 +301,91 @@ def test_worker_processes_log_as_twist_was_told(
     [supervisor] = list(makeService(options.subOptions))
     assert isinstance(supervisor, WorkerSupervisor)
     assert (supervisor.env["LOG_FORMAT"], supervisor.env["LOG_LEVEL"]) == ("json", "DEBUG")
+
+
+class CountingFile(io.StringIO):
+    """A log file that remembers what each flush (one system call on a real file) sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._flushed = 0
+
+    def flush(self) -> None:
+        text = self.getvalue()
+        if len(text) > self._flushed:
+            self.writes.append(text[self._flushed :])
+            self._flushed = len(text)
+
+
+def _running_reactor() -> MemoryReactorClock:
+    reactor = MemoryReactorClock()
+    reactor.running = True
+    return reactor
+
+
+@pytest.mark.parametrize("observer_factory", [json_log_observer, text_log_observer])
+def test_lines_of_one_reactor_turn_are_written_together(
+    observer_factory: Callable[..., ILogObserver],
+) -> None:
+    """While the reactor runs, INFO lines wait for the end of the turn, then go out in
+    one write, in order."""
+    reactor = _running_reactor()
+    out = CountingFile()
+    log = Logger(namespace="aiproxy", observer=observer_factory(out, reactor=reactor))
+    log.info("Request started: {n}", n=1)
+    log.info("Request completed: {n}", n=1)
+    assert out.writes == []
+    reactor.advance(0)
+    [write] = out.writes
+    assert write.count("\n") == 2
+    assert write.index("Request started") < write.index("Request completed")
+
+
+def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
+    """A WARNING (or worse) line does not wait for the end of the turn, nor jump the
+    queue."""
+    reactor = _running_reactor()
+    out = CountingFile()
+    log = Logger(namespace="aiproxy", observer=json_log_observer(out, reactor=reactor))
+    log.info("first")
+    log.warn("second")
+    assert [json.loads(line)["message"] for line in "".join(out.writes).splitlines()] == [
+        "first",
+        "second",
+    ]
+
+
+def test_batches_are_whole_lines_within_one_atomic_pipe_write() -> None:
+    """However many lines a turn logs, each write holds whole lines and at most
+    ``PIPE_BUF`` bytes, so several workers sharing one pipe never interleave lines."""
+    reactor = _running_reactor()
+    out = CountingFile()
+    log = Logger(namespace="aiproxy", observer=json_log_observer(out, reactor=reactor))
+    for n in range(200):
+        log.info("Request completed: {path}", path=f"/v1/é/{'x' * (n % 90)}")
+    reactor.advance(0)
+    assert len(out.writes) > 1
+    for write in out.writes:
+        assert write.endswith("\n")
+        assert len(write.encode()) <= ATOMIC_WRITE
+    lines = "".join(out.writes).splitlines()
+    assert [json.loads(line)["path"] for line in lines] == [
+        f"/v1/é/{'x' * (n % 90)}" for n in range(200)
+    ]
+
+
+def test_gathered_lines_are_written_at_shutdown() -> None:
+    """Lines gathered when the reactor stops are written by its shutdown, and lines
+    logged once it has stopped are written at once."""
+    reactor = _running_reactor()
+    out = CountingFile()
+    log = Logger(namespace="aiproxy", observer=text_log_observer(out, reactor=reactor))
+    log.info("Stopping")
+    reactor.stop()
+    for trigger, args, kwargs in reactor.triggers["after"]["shutdown"]:
+        trigger(*args, **kwargs)
+    log.info("Main loop terminated.")
+    assert len(out.writes) == 2
+    assert out.writes[0].endswith("Stopping\n")
+    assert out.writes[1].endswith("Main loop terminated.\n")
