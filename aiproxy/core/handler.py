@@ -47,6 +47,7 @@ from aiproxy.rules.cors import (
     preflight_headers,
 )
 from aiproxy.rules.headers import choose_request_id, header_values, original_client
+from aiproxy.rules.redact import loggable
 from aiproxy.rules.retry import RetryPolicy
 from aiproxy.rules.target import Target, is_origin_form
 
@@ -148,10 +149,10 @@ class ProxyCore:
                 peer, header_values(headers, b"x-forwarded-for"), self.trusted_proxies
             )
         record = RequestRecord(
-            method=method.decode("ascii", "replace"),
-            path=target.partition(b"?")[0].decode("ascii", "replace"),
+            method=loggable(method),
+            path=loggable(target.partition(b"?")[0]),
             client="unix" if client is None else client,
-            request_id=request_id.decode("ascii"),
+            request_id=loggable(request_id),
         )
         return Incoming(
             method, target, headers, version, scheme, peer, request_id, self.clock.seconds(), record

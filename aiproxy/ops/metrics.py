@@ -53,8 +53,6 @@ LATENCY_BUCKETS = (
 MAX_MODELS = 100
 """Distinct model names that get a label value of their own."""
 
-MAX_MODEL_LENGTH = 100
-
 PUBLISH_INTERVAL = 1.0
 """Seconds between two snapshots a worker publishes for its siblings."""
 
@@ -156,7 +154,6 @@ class ProxyMetrics:
     def _model_label(self, model: str | None) -> str:
         if model is None:
             return "unknown"
-        model = model[:MAX_MODEL_LENGTH]
         if model in self._models:
             return model
         if len(self._models) < MAX_MODELS:

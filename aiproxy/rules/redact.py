@@ -1,6 +1,8 @@
 """
-Pure rules that keep secrets out of log lines: header values, URL query values and
-passwords, and key-shaped text in exception messages and tracebacks.
+Pure rules for what reaches a log line: secrets kept out (header values, URL query
+values and passwords, key-shaped text anywhere), and the control characters of
+client-controlled text escaped so that one line stays one line and no terminal
+escape sequence is replayed to the operator.
 
 One rule says which names are secret, for headers and query parameters alike. It is
 broad on purpose: a false positive hides a harmless value from a log line, a false
@@ -27,7 +29,9 @@ from twisted.web.http_headers import Headers
 
 __all__ = [
     "REDACTED",
+    "is_key_shaped",
     "is_secret_name",
+    "loggable",
     "redact_headers",
     "redact_text",
     "redact_url",
@@ -55,11 +59,46 @@ _TEXT_PARAM = re.compile(r"(?<=[?&;#])([^=?&;#\s'\"<>]+)=([^&;#\s'\"<>\\]+)")
 # The userinfo of a URL's authority, up to its last "@".
 _URL_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)([^/?#]*)@")
 _TEXT_USERINFO = re.compile(r"(?<=://)([^/?#@\s'\":]*)(:?)([^/?#\s'\"]*)@")
-# Keys recognisable by their shape: OpenAI and Anthropic ("sk-..."), Google ("AIza..."),
-# and a bearer token quoted in a message.
-_KEY_SHAPES = re.compile(
-    r"\b(?:sk-[A-Za-z0-9_-]{16,}|AIza[A-Za-z0-9_-]{30,})|(?<=\b[Bb]earer )[A-Za-z0-9._~+/=-]+"
+# Keys recognisable by their shape, wherever they appear (a path segment, a query value
+# of any name, a request ID): OpenAI, Anthropic and most OpenAI-compatible APIs
+# ("sk-..."), Stripe-style ("sk_live_..."), Google ("AIza..."), GitHub, Slack, AWS access
+# key IDs, Hugging Face, Groq, xAI, Replicate, and JSON web tokens.
+_KEY_SHAPE = (
+    r"(?<![A-Za-z0-9])(?:"
+    r"sk-[A-Za-z0-9_-]{16,}|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}|AIza[A-Za-z0-9_-]{30,}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|xox[abposr]-[A-Za-z0-9-]{10,}"
+    r"|(?:AKIA|ASIA)[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{20,}"
+    r"|xai-[A-Za-z0-9]{20,}|r8_[A-Za-z0-9]{30,}"
+    r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"
 )
+_KEY_SHAPES = re.compile(_KEY_SHAPE)
+# The same, and a bearer token quoted in a message.
+_TEXT_SECRETS = re.compile(_KEY_SHAPE + r"|(?<=\b[Bb]earer )[A-Za-z0-9._~+/=-]+")
+# What is escaped in client-controlled text: C0 controls, DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def is_key_shaped(text: str) -> bool:
+    """Whether ``text`` contains something shaped like an API key or token."""
+    return _KEY_SHAPES.search(text) is not None
+
+
+def loggable(value: bytes) -> str:
+    """
+    Client-controlled bytes (a method, a path, a request ID, a header value) as text
+    for a log line: bytes outside ASCII shown as ``\\xNN``, control characters as
+    ``\\xNN`` too, and key-shaped parts replaced by ``[REDACTED]``.
+    """
+    text = value.decode("ascii", "backslashreplace")
+    if _CONTROL.search(text) is not None:
+        text = _CONTROL.sub(_escape, text)
+    if _KEY_SHAPES.search(text) is not None:
+        text = _KEY_SHAPES.sub(REDACTED, text)
+    return text
+
+
+def _escape(match: re.Match[str]) -> str:
+    return f"\\x{ord(match.group()):02x}"
 
 
 def is_secret_name(name: str | bytes) -> bool:
@@ -72,13 +111,16 @@ def is_secret_name(name: str | bytes) -> bool:
 def redact_url(url: bytes | str) -> str:
     """
     ``url`` as text for a log line, with the values of secret parameters (in the query
-    or the fragment) and the password of the authority replaced by ``[REDACTED]``.
+    or the fragment), the password of the authority and key-shaped text anywhere
+    replaced by ``[REDACTED]``.
 
     Everything else is kept as it was: no re-quoting, parameters in order, repeated
     keys, blank values and keys without ``=``. A userinfo with no password is redacted
     whole, since it is often a token by itself: ``https://[REDACTED]@host/``.
     """
     text = url.decode("ascii", "replace") if isinstance(url, bytes) else url
+    if _KEY_SHAPES.search(text) is not None:
+        text = _KEY_SHAPES.sub(REDACTED, text)
     if "@" in text:
         text = _URL_USERINFO.sub(_redact_userinfo, text, count=1)
     elif "?" not in text and "#" not in text:
@@ -122,7 +164,7 @@ def redact_text(text: str) -> str:
     """
     text = _TEXT_USERINFO.sub(_redact_text_userinfo, text)
     text = _TEXT_PARAM.sub(_redact_param, text)
-    return _KEY_SHAPES.sub(REDACTED, text)
+    return _TEXT_SECRETS.sub(REDACTED, text)
 
 
 def _text(value: bytes | str) -> str:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
+from aiproxy.rules.redact import is_key_shaped
+
 if TYPE_CHECKING:
     from aiproxy.core.interfaces import RawHeaders
 
@@ -28,6 +30,7 @@ __all__ = [
     "MAX_JSON_BODY",
     "MAX_MODEL_LENGTH",
     "MAX_TOKENS",
+    "OTHER_MODEL",
     "Usage",
     "UsageMeter",
     "usage_meter",
@@ -39,8 +42,17 @@ MAX_JSON_BODY = 1024 * 1024
 MAX_EVENT_SIZE = 256 * 1024
 """The largest stream event (or line) that is read, in bytes; a longer one is skipped."""
 
-MAX_MODEL_LENGTH = 200
-"""A longer model name is cut to this many characters."""
+MAX_MODEL_LENGTH = 128
+"""The longest model name taken as it is; a longer one counts as :data:`OTHER_MODEL`."""
+
+OTHER_MODEL = "other"
+"""What a model name that does not look like one is recorded as."""
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9@][A-Za-z0-9._:/@+-]*")
+"""
+The characters of model names (``gpt-4o-mini``, ``meta-llama/Llama-3.1-8B-Instruct``,
+``anthropic.claude-3-haiku-20240307-v1:0``, ``@cf/meta/llama-3-8b``).
+"""
 
 MAX_TOKENS = 10**9
 """The largest token count believed; a larger one is not counted."""
@@ -57,8 +69,10 @@ class Usage:
     """
     What a response said about itself; each field is L{None} when it did not say.
 
-    @ivar model: the model that answered, at most :data:`MAX_MODEL_LENGTH` printable
-        characters.
+    @ivar model: the model that answered, if its name looks like a model's: at most
+        :data:`MAX_MODEL_LENGTH` letters, digits and ``._:/@+-``, nothing shaped like an
+        API key; any other name is :data:`OTHER_MODEL`, so that an upstream cannot put
+        arbitrary text into metric labels and log lines.
     @ivar prompt_tokens: tokens read: OpenAI's ``prompt_tokens`` or ``input_tokens``;
         for Anthropic, ``input_tokens`` plus the tokens written to and read from its
         prompt cache, so that it counts the whole prompt as OpenAI's does.
@@ -121,11 +135,15 @@ def usage_meter(
 
 
 def _model(value: object) -> str | None:
-    if isinstance(value, str) and value:
-        model = value[:MAX_MODEL_LENGTH]
-        if model.isprintable():
-            return model
-    return None
+    if not isinstance(value, str) or not value:
+        return None
+    if (
+        len(value) <= MAX_MODEL_LENGTH
+        and _MODEL_NAME.fullmatch(value) is not None
+        and not is_key_shaped(value)
+    ):
+        return value
+    return OTHER_MODEL
 
 
 def _tokens(value: object) -> int | None:

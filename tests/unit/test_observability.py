@@ -5,10 +5,12 @@ metrics at ``/api/metrics``; over aiproxy's HTTP/1.1 server with a fake upstream
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
@@ -17,12 +19,13 @@ from twisted.logger import LogEvent, capturedLogs, formatEvent
 from aiproxy.config import Config
 from aiproxy.core.build import build_core
 from aiproxy.core.record import RequestRecord
+from aiproxy.ops.logs import json_log_observer, text_log_observer
 from aiproxy.ops.metrics import MAX_MODELS, ProxyMetrics, SharedMetrics, merge_snapshots
 from aiproxy.rules.usage import Usage
 from aiproxy.upstream.errors import ConnectFailed
 
 from .fakes import ClientConnection, FakeUpstream
-from .test_proxy import TARGET_URL, Proxy, server_factory, start_proxy
+from .test_proxy import DOORS, TARGET_URL, Proxy, server_factory, start_proxy
 
 CHAT_REPLY = json.dumps(
     {
@@ -339,3 +342,73 @@ def test_workers_publish_to_and_read_from_a_shared_directory(tmp_path: Any) -> N
     assert families[("aiproxy_requests_total", (("method", "POST"), ("status", "200")))] == 2
     assert families[("aiproxy_tokens_total", (("kind", "prompt"), ("model", "m")))] == 4
     assert families[("aiproxy_tokens_total", (("kind", "completion"), ("model", "m")))] == 5
+
+
+PLANTED_KEY = b"sk-live-PLANTED0123456789abcdef"
+
+
+def _every_line(events: list[LogEvent]) -> str:
+    """What the text and the JSON log observers would write for ``events``."""
+    text, lines = io.StringIO(), io.StringIO()
+    for event in events:
+        text_log_observer(text)(event)
+        json_log_observer(lines)(event)
+    return text.getvalue() + lines.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("target", "headers"),
+    [
+        (b"/v1/files/" + PLANTED_KEY, []),
+        (b"/v1/models?k=" + PLANTED_KEY, []),
+        (b"/v1/models", [(b"X-Request-ID", PLANTED_KEY)]),
+    ],
+    ids=["path", "query", "request-id"],
+)
+@pytest.mark.parametrize("door", DOORS)
+def test_key_shaped_values_never_reach_a_log_line(
+    door: str, target: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """A key in a path segment, a query value of any name or the request ID is
+    ``[REDACTED]`` in every log line (retries and the completion line included, DEBUG
+    on), while the upstream still gets the request as sent."""
+    proxy = start_proxy(door, max_retries=1, log_level="DEBUG")
+    with capturedLogs() as events:
+        proxy.client.request(b"GET", target, headers)
+        proxy.upstream.last.deferred.errback(ConnectFailed("refused", kind="connect"))
+        proxy.clock.advance(5)
+        proxy.upstream.last.respond(200, {b"Content-Length": [b"0"]}).end()
+    assert proxy.upstream.last.request_line.split(b" ")[1].endswith(target)
+    lines = _every_line(events)
+    assert "Retrying" in lines and "Request completed" in lines
+    assert PLANTED_KEY.decode() not in lines
+    assert "[REDACTED]" in lines
+
+
+def test_a_key_shaped_model_name_is_counted_as_other() -> None:
+    """An upstream that names its model with an API key does not put it into
+    ``/api/metrics`` or the completion line: the model counts as ``other``."""
+    proxy = start_proxy()
+    reply = json.dumps({"model": PLANTED_KEY.decode(), "usage": {"prompt_tokens": 3}}).encode()
+    with capturedLogs() as events:
+        proxy.client.request(b"POST", b"/v1/chat/completions", body=b"{}")
+        response = proxy.upstream.last.respond(200, {b"Content-Type": [b"application/json"]})
+        response.send(reply)
+        response.end()
+    assert "[Model: other]" in formatEvent(completion(events))
+    assert value(proxy, "aiproxy_tokens_total", model="other", kind="prompt") == 3
+    assert PLANTED_KEY.decode() not in str(samples(proxy))
+
+
+def test_control_characters_from_the_client_are_escaped_in_log_lines() -> None:
+    """A method, path or request ID with control bytes or non-ASCII bytes (which a door
+    such as HTTP/2 may pass to the core) is written with them escaped, so one request
+    stays one log line and no terminal escape sequence runs."""
+    proxy = start_proxy()
+    request = proxy.core.incoming(
+        b"GE\x1bT", b"/v1/\x1b[31mred\x08\xff?q=\n", [], b"HTTP/2", b"https", "192.0.2.1"
+    )
+    record = request.record
+    line = record.log_format().format(**record.log_fields())
+    assert (record.method, record.path) == ("GE\\x1bT", "/v1/\\x1b[31mred\\x08\\xff")
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in line)

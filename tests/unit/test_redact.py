@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from twisted.web.http_headers import Headers
 
-from aiproxy.rules.redact import is_secret_name, redact_headers, redact_text, redact_url
+from aiproxy.rules.redact import (
+    is_key_shaped,
+    is_secret_name,
+    loggable,
+    redact_headers,
+    redact_text,
+    redact_url,
+)
 
 KEY = "sk-live-PLANTED0123456789"
 
@@ -197,3 +204,41 @@ def test_ordinary_names_are_not_secret(name: str) -> None:
 def test_text_loses_urls_secrets_and_key_shaped_words(text: str, shown: str) -> None:
     """Exception messages and tracebacks lose URL secrets and recognisable keys."""
     assert redact_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-proj-PLANTED0123456789abcdef",
+        "sk-ant-api03-PLANTED0123456789",
+        "sk_live_PLANTED0123456789ab",
+        "AIzaSyPLANTED0123456789abcdefghijklmno",
+        "ghp_PLANTED0123456789abcdefghijklmnopqr",
+        "xoxb-123456789012-PLANTED",
+        "AKIAPLANTED012345678",
+        "hf_PLANTED0123456789abcdefghijklmnopqr",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.PLANTEDsignature0123",
+    ],
+)
+def test_key_shapes_are_recognised_wherever_they_are(key: str) -> None:
+    """A key is found in a path segment, a query value of any name and on its own."""
+    for context in (f"/v1/files/{key}", f"/v1/models?k={key}&x=1", key):
+        assert is_key_shaped(context)
+        assert key not in loggable(context.encode())
+        assert key not in redact_url(f"https://api.example/{context.lstrip('/')}")
+
+
+@pytest.mark.parametrize(
+    "text", ["/v1/chat/completions", "/v1/tasks/task-0123456789abcdefghij", "gpt-4o-mini", "req-1"]
+)
+def test_ordinary_paths_and_ids_are_not_key_shaped(text: str) -> None:
+    """Paths, IDs and model names are left alone (``task-...`` is not ``sk-...``)."""
+    assert not is_key_shaped(text)
+    assert loggable(text.encode()) == text
+
+
+def test_loggable_escapes_control_and_non_ascii_bytes() -> None:
+    """C0 controls, DEL and bytes outside ASCII become ``\\xNN``: one line, no escapes."""
+    assert (
+        loggable(b"/a\x1b[31mb\r\n\x7f\x00\xc3\xa9") == "/a\\x1b[31mb\\x0d\\x0a\\x7f\\x00\\xc3\\xa9"
+    )

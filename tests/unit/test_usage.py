@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from aiproxy.rules import usage as usage_module
-from aiproxy.rules.usage import MAX_MODEL_LENGTH, MAX_TOKENS, Usage, UsageMeter, usage_meter
+from aiproxy.rules.usage import (
+    MAX_MODEL_LENGTH,
+    MAX_TOKENS,
+    OTHER_MODEL,
+    Usage,
+    UsageMeter,
+    usage_meter,
+)
 
 JSON = b"application/json"
 SSE = b"text/event-stream"
@@ -345,8 +352,12 @@ def test_comments_and_other_fields_are_ignored() -> None:
             Usage(None, 2, None),
             id="empty-model-bad-cache-count",
         ),
-        pytest.param(b'{"model": "a\\nb"}', None, id="model-with-newline"),
-        pytest.param(b'{"model": "\\ud800"}', None, id="model-lone-surrogate"),
+        pytest.param(
+            b'{"model": "a\\nb"}', Usage(OTHER_MODEL, None, None), id="model-with-newline"
+        ),
+        pytest.param(
+            b'{"model": "\\ud800"}', Usage(OTHER_MODEL, None, None), id="model-lone-surrogate"
+        ),
     ],
 )
 def test_malformed_json_body_gives_what_it_can(body: bytes, expected: Usage | None) -> None:
@@ -362,10 +373,40 @@ def test_largest_believable_count_is_counted() -> None:
     assert read([body], JSON) == Usage(None, MAX_TOKENS, None)
 
 
-def test_long_model_name_is_cut() -> None:
-    """A model name longer than MAX_MODEL_LENGTH characters is cut to that length."""
-    body = json.dumps({"model": "é" * 500}).encode()
-    assert read([body], JSON) == Usage("é" * MAX_MODEL_LENGTH, None, None)
+@pytest.mark.parametrize(
+    "model",
+    [
+        "gpt-4o-mini",
+        "claude-3-5-sonnet-20241022",
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "anthropic.claude-3-haiku-20240307-v1:0",
+        "@cf/meta/llama-3-8b-instruct",
+        "m" * MAX_MODEL_LENGTH,
+    ],
+)
+def test_model_names_are_taken_as_they_are(model: str) -> None:
+    """Names made of the characters model names use, and not too long, are kept."""
+    assert read([json.dumps({"model": model}).encode()], JSON) == Usage(model, None, None)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "sk-live-PLANTED0123456789abcdef",
+        "sk-ant-api03-PLANTED0123456789abcdef",
+        "AIzaPLANTED0123456789abcdefghijklmnopq",
+        "m" * (MAX_MODEL_LENGTH + 1),
+        "gpt 4",
+        "gpt\x1b[31m",
+        "mod\u00e8le",
+        "-rf",
+        'a"b',
+    ],
+)
+def test_names_that_do_not_look_like_models_count_as_other(model: str) -> None:
+    """A key-shaped, overlong or oddly spelled model name is recorded as ``other``: an
+    upstream cannot put a secret or arbitrary text into metric labels and log lines."""
+    assert read([json.dumps({"model": model}).encode()], JSON) == Usage(OTHER_MODEL, None, None)
 
 
 def test_malformed_events_are_skipped() -> None:
