@@ -49,7 +49,7 @@ from aiproxy.rules.cors import (
 from aiproxy.rules.headers import choose_request_id, header_values, original_client
 from aiproxy.rules.redact import loggable
 from aiproxy.rules.retry import RetryPolicy
-from aiproxy.rules.target import Target, is_origin_form
+from aiproxy.rules.target import Target, has_dot_segments, is_origin_form
 
 if TYPE_CHECKING:
     from aiproxy.ops.metrics import ProxyMetrics
@@ -185,6 +185,12 @@ class ProxyCore:
                 request,
                 client,
                 BadRequestTarget("the request target must be a path beginning with one '/'"),
+            )
+        if has_dot_segments(target):
+            return self._refuse(
+                request,
+                client,
+                BadRequestTarget("the request target must not have '.' or '..' segments"),
             )
         if is_websocket_upgrade(request.headers):
             return self._refuse(

@@ -16,12 +16,22 @@ from urllib.parse import urlsplit
 import attrs
 import hyperlink
 
-__all__ = ["Target", "TargetError", "is_origin_form", "local_target", "parse_target"]
+__all__ = [
+    "Target",
+    "TargetError",
+    "has_dot_segments",
+    "is_origin_form",
+    "local_target",
+    "parse_target",
+]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _VISIBLE_ASCII = re.compile(rb"[\x21-\x7e]*")
 _ORIGIN_FORM = re.compile(rb"/(?!/)[\x21-\x7e]*")
+# A "." or ".." path segment, the dots and the slash after them plain or
+# percent-encoded, a backslash counting as a slash (as some servers take it).
+_DOT_SEGMENT = re.compile(rb"(?:^|/|\\|%2f|%5c)(?:\.|%2e){1,2}(?:$|/|\\|%2f|%5c)", re.IGNORECASE)
 
 
 class TargetError(ValueError):
@@ -112,6 +122,21 @@ def is_origin_form(request_target: bytes) -> bool:
     non-ASCII bytes are not proxied.
     """
     return _ORIGIN_FORM.fullmatch(request_target) is not None
+
+
+def has_dot_segments(request_target: bytes) -> bool:
+    """
+    Whether the path of a request target has a ``.`` or ``..`` segment, plain or
+    percent-encoded (``/../x``, ``/%2e%2e/x``, ``/..%2Fx``, ``/.%2e\\x``).
+
+    The proxy appends the target to ``TARGET_URL``'s path as it is; whether an upstream
+    then resolves ``/prefix/../secret`` outside the prefix is up to it, so such targets
+    are refused instead.
+    """
+    path = request_target.partition(b"?")[0]
+    if b"." not in path and b"%" not in path:
+        return False
+    return _DOT_SEGMENT.search(path) is not None
 
 
 def local_target(request_target: bytes, depth: int) -> bytes:

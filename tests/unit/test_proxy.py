@@ -167,7 +167,7 @@ def test_other_paths_go_to_the_upstream(proxy: Proxy, path: bytes) -> None:
             b"/files/a%2Fb?q=%7E&q=2",
             b"https://api.example/files/a%2Fb?q=%7E&q=2",
         ),
-        ("https://api.example", b"/a/../b", b"https://api.example/a/../b"),
+        ("https://api.example", b"/a/.../b.c", b"https://api.example/a/.../b.c"),
         ("https://api.example", b"/a//b/@c", b"https://api.example/a//b/@c"),
         ("http://[::1]:8000/p", b"/x?next=/y", b"http://[::1]:8000/p/x?next=/y"),
     ],
@@ -229,6 +229,35 @@ def test_requests_that_could_reach_another_host_are_refused(
     assert error["type"] == error_type
     assert error["request_id"] == (response.header(b"x-request-id") or b"").decode()
     assert proxy.upstream.calls == []
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/../secret",
+        b"/%2e%2e/secret",
+        b"/..%2Fsecret",
+        b"/v1/./models",
+        b"/v1/%2E%2e",
+        b"/v1\\..\\x",
+    ],
+)
+def test_targets_with_dot_segments_are_refused(proxy: Proxy, target: bytes) -> None:
+    """A ``.`` or ``..`` segment, plain or percent-encoded, could leave ``TARGET_URL``'s
+    path prefix at the upstream: it gets ``400`` and is never proxied."""
+    proxy.client.request(b"GET", target)
+    response = proxy.client.response()
+    assert response.status == 400
+    assert error_of(response)["type"] == "invalid_request_target"
+    assert proxy.upstream.calls == []
+
+
+def test_dots_inside_a_segment_pass(proxy: Proxy) -> None:
+    """Dots that are not a whole segment (file names, ``...``, ``.well-known``) pass."""
+    proxy.client.request(b"GET", b"/v1/files/a..b.json/.../.well-known?x=/../")
+    assert proxy.upstream.last.request_line.endswith(
+        b"/v1/files/a..b.json/.../.well-known?x=/../ HTTP/1.1"
+    )
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from aiproxy.rules.target import Target, TargetError, is_origin_form, local_target, parse_target
+from aiproxy.rules.target import (
+    Target,
+    TargetError,
+    has_dot_segments,
+    is_origin_form,
+    local_target,
+    parse_target,
+)
 
 
 @pytest.mark.parametrize(
@@ -180,3 +187,29 @@ def test_is_origin_form(request_target: bytes, proxied: bool) -> None:
 def test_local_target(request_target: bytes, depth: int, local: bytes) -> None:
     """Below a mount point the rest of the target is kept exactly, query '/'s included."""
     assert local_target(request_target, depth) == local
+
+
+@pytest.mark.parametrize(
+    ("request_target", "dotted"),
+    [
+        (b"/../secret", True),
+        (b"/%2e%2e/secret", True),
+        (b"/..%2Fsecret", True),
+        (b"/v1/./models", True),
+        (b"/v1/..", True),
+        (b"/v1/.", True),
+        (b"/.%2E/x", True),
+        (b"/a\\..\\b", True),
+        (b"/a%5c..%5cb", True),
+        (b"/v1/models", False),
+        (b"/v1/files/file-1.json", False),
+        (b"/v1/...", False),
+        (b"/v1/.well-known", False),
+        (b"/v1/a..b", False),
+        (b"/v1/%2e%2e%2e", False),
+        (b"/x?a=/../b", False),
+    ],
+)
+def test_has_dot_segments(request_target: bytes, dotted: bool) -> None:
+    """``.`` and ``..`` segments are found plain and percent-encoded, only in the path."""
+    assert has_dot_segments(request_target) is dotted
