@@ -399,6 +399,14 @@ class Config:
         parse_int,
         _at_least(0),
     )
+    body_timeout: float = _setting(
+        600.0,
+        "BODY_TIMEOUT",
+        "body-timeout",
+        "Seconds a client may take to send a whole request body (then 408), 0 for no limit",
+        parse_float,
+        _at_least(0),
+    )
     max_body_size: int = _setting(
         104_857_600,
         "MAX_BODY_SIZE",

@@ -13,8 +13,9 @@ What a client may send, and what it gets otherwise (README, "Limits and bad inpu
     and logged as one ``Request refused`` line.
   - a body over ``max_body_size``: ``413`` (by its ``Content-Length`` before any of it
     is read, or as soon as a chunked body grows past it); a body slower than
-    ``body_min_rate`` bytes per second after ``header_timeout`` seconds of grace:
-    ``408``. These requests exist: the core answers them (``RequestHandler.refuse``).
+    ``body_min_rate`` bytes per second after ``header_timeout`` seconds of grace, or
+    not complete ``body_timeout`` seconds after its head: ``408``. These requests
+    exist: the core answers them (``RequestHandler.refuse``).
   - after a ``408`` the connection closes at once; after the other refusals it stops
     reading requests, drops what the client still sends, half-closes, and closes when
     the client does or after :data:`LINGER` seconds.
@@ -153,11 +154,15 @@ class ClientLimits:
     """Seconds from the first byte of a request head to its end; also the body's grace."""
     body_min_rate: int
     """Bytes per second a request body must average after the grace; 0 for no limit."""
+    body_timeout: float = 0.0
+    """Seconds from the end of a request head to the end of its body; 0 for no limit."""
 
     @classmethod
     def from_config(cls, config: Config) -> ClientLimits:
         """The limits ``config`` sets."""
-        return cls(config.max_body_size, config.header_timeout, config.body_min_rate)
+        return cls(
+            config.max_body_size, config.header_timeout, config.body_min_rate, config.body_timeout
+        )
 
 
 class _Transport(Protocol):
@@ -400,6 +405,7 @@ class HTTP11Connection(TwistedProtocol):
         self._max_body = limits.max_body_size
         self._header_timeout = limits.header_timeout
         self._min_rate = limits.body_min_rate
+        self._body_timeout = limits.body_timeout
         self._transport: _Transport = cast(_Transport, None)
         self._parser = HttpRequestParser(self)
         self._requests: deque[HTTP11Request] = deque()
@@ -423,6 +429,7 @@ class HTTP11Connection(TwistedProtocol):
         self._phase_owner: HTTP11Request | None = None
         self._phase_started = 0.0
         self._phase_base = 0
+        self._body_started = 0.0  # the body phase's start, the time held back added
 
     # -- Protocol ------------------------------------------------------------------------
 
@@ -518,6 +525,7 @@ class HTTP11Connection(TwistedProtocol):
         if paused_at is not None and self._phase in (_HEAD_PHASE, _BODY_PHASE):
             now = self.clock.seconds()
             self._phase_started += now - paused_at  # the time held back is not the client's
+            self._body_started += now - paused_at
             self._arm(self._due(), now)
 
     # -- llhttp's callbacks --------------------------------------------------------------
@@ -1000,7 +1008,7 @@ class HTTP11Connection(TwistedProtocol):
         now = self.clock.seconds()
         self._phase = phase
         self._phase_owner = owner
-        self._phase_started = now
+        self._phase_started = self._body_started = now
         self._phase_base = owner.received if owner is not None else 0
         self._paused_at = now if self._pauses else None
         self._arm(self._due(), now)
@@ -1010,11 +1018,15 @@ class HTTP11Connection(TwistedProtocol):
         started = self._phase_started
         if phase == _BODY_PHASE:
             rate = self._min_rate
-            if not rate:
-                return started + CLIENT_IDLE_TIMEOUT
-            owner = self._phase_owner
-            assert owner is not None
-            return started + self._header_timeout + (owner.received - self._phase_base) / rate
+            if rate:
+                owner = self._phase_owner
+                assert owner is not None
+                due = started + self._header_timeout + (owner.received - self._phase_base) / rate
+            else:
+                due = started + CLIENT_IDLE_TIMEOUT
+            if self._body_timeout:
+                return min(due, self._body_started + self._body_timeout)
+            return due
         if phase == _HEAD_PHASE:
             return started + self._header_timeout
         if phase == _IDLE_PHASE:
@@ -1055,17 +1067,24 @@ class HTTP11Connection(TwistedProtocol):
                 f"the request head was not complete within {timeout:g}s"
             )
             self._advance()
-        elif phase == _BODY_PHASE and self._min_rate:
+        elif phase == _BODY_PHASE and (self._min_rate or self._timed_out(now)):
             assert owner is not None
-            rate = self._min_rate
-            self._body_error(
-                owner, ClientTooSlow(f"the request body arrived slower than {rate} bytes/s")
-            )
+            if self._timed_out(now):
+                limit = f"was not complete within {self._body_timeout:g}s"
+            else:
+                limit = f"arrived slower than {self._min_rate} bytes/s"
+            self._body_error(owner, ClientTooSlow(f"the request body {limit}"))
             self._advance()
         elif phase == _CLOSING_PHASE:
             self._transport.abortConnection()
         else:  # idle, lingering, or a body without a rate that stalled
             self._close()
+
+
+    def _timed_out(self, now: float) -> bool:
+        """Whether the body being read is past ``BODY_TIMEOUT``."""
+        timeout = self._body_timeout
+        return bool(timeout) and now + _EARLY >= self._body_started + timeout
 
 
 class _AfterUpgrade:

@@ -389,13 +389,14 @@ def start_server(
     header_timeout: float = 10.0,
     body_min_rate: int = 500,
     *,
+    body_timeout: float = 0.0,
     auto: bool = False,
     secure: bool = False,
 ) -> Server:
     clock = Clock()
     handler = FakeHandler(clock, auto=auto)
     activity = FakeActivity()
-    limits = ClientLimits(max_body_size, header_timeout, body_min_rate)
+    limits = ClientLimits(max_body_size, header_timeout, body_min_rate, body_timeout)
     factory = HTTP11Factory(handler, clock, activity, limits, secure=secure)  # type: ignore[arg-type]
     return Server(clock, handler, activity, factory)
 
@@ -1595,6 +1596,58 @@ def test_body_slower_than_the_minimum_rate_gets_a_408() -> None:
     assert server.handler.handled == []
 
 
+def test_body_not_complete_within_body_timeout_gets_a_408() -> None:
+    """A body sent fast at first, which buys hours under BODY_MIN_RATE, then a byte at
+    a time, is refused 408 BODY_TIMEOUT seconds after its head; the connection closes."""
+    server = start_server(max_body_size=10**6, body_min_rate=500, body_timeout=60)
+    client = server.connect()
+    client.send(head(b"Content-Length: 200000", b"X-Request-ID: trickle") + b"\r\n\r\n")
+    client.send(b"f" * 100_000)
+    for _ in range(5):
+        server.clock.advance(10)
+        client.send(b"t")
+    server.clock.advance(9.9)
+    assert client.value() == b""
+    server.clock.advance(0.1)
+    response = client.response()
+    assert response.status == 408
+    error = response.error()
+    assert (error["type"], error["request_id"]) == ("request_timeout", "trickle")
+    assert "within 60s" in error["message"]
+    assert client.closed
+    assert server.handler.handled == []
+
+
+def test_body_timeout_applies_without_a_minimum_rate() -> None:
+    """With BODY_MIN_RATE=0, BODY_TIMEOUT still ends a body that never completes."""
+    server = start_server(body_min_rate=0, body_timeout=30)
+    client = server.connect()
+    client.send(head(b"Content-Length: 10") + b"\r\n\r\n")
+    for _ in range(3):
+        server.clock.advance(9.9)
+        client.send(b"t")
+    server.clock.advance(0.3)
+    assert client.response().status == 408
+
+
+def test_time_the_proxy_holds_a_body_back_does_not_count_against_body_timeout() -> None:
+    """Paused while the upstream request has not started, a body gets its whole
+    BODY_TIMEOUT of reading time once it may go on."""
+    server = start_server(max_body_size=10**7, body_min_rate=0, body_timeout=60)
+    client = server.connect()
+    client.send(head(b"Content-Length: %d" % (BUFFERED_BODY_LIMIT * 4)) + b"\r\n\r\n")
+    client.send(b"w" * (BUFFERED_BODY_LIMIT + 1))
+    assert client.paused
+    server.clock.advance(300)
+    sink = FakeSink()
+    server.handler.last.source.start(sink)
+    server.clock.advance(59)
+    client.send(b"w")
+    assert client.value() == b""
+    server.clock.advance(1)
+    assert isinstance(sink.failed, ClientTooSlow)
+
+
 def test_body_min_rate_zero_waits_for_a_slow_body_up_to_the_idle_timeout() -> None:
     """With BODY_MIN_RATE=0 a body may trickle in as slowly as the idle timeout allows;
     a body that stops for 75 s is cut off."""
@@ -1864,11 +1917,16 @@ def test_works_with_the_proxys_activity() -> None:
 
 
 def test_client_limits_come_from_the_config() -> None:
-    """MAX_BODY_SIZE, HEADER_TIMEOUT and BODY_MIN_RATE make the client limits."""
+    """MAX_BODY_SIZE, HEADER_TIMEOUT, BODY_MIN_RATE and BODY_TIMEOUT make the client
+    limits."""
     config = Config(
-        target_url="http://upstream.example", max_body_size=5, header_timeout=2.5, body_min_rate=7
+        target_url="http://upstream.example",
+        max_body_size=5,
+        header_timeout=2.5,
+        body_min_rate=7,
+        body_timeout=9,
     )
-    assert ClientLimits.from_config(config) == ClientLimits(5, 2.5, 7)
+    assert ClientLimits.from_config(config) == ClientLimits(5, 2.5, 7, 9)
 
 
 def test_draining_makes_every_response_close() -> None:
