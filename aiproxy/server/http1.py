@@ -1080,7 +1080,6 @@ class HTTP11Connection(TwistedProtocol):
         else:  # idle, lingering, or a body without a rate that stalled
             self._close()
 
-
     def _timed_out(self, now: float) -> bool:
         """Whether the body being read is past ``BODY_TIMEOUT``."""
         timeout = self._body_timeout
