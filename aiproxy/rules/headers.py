@@ -25,6 +25,7 @@ __all__ = [
     "client_response_headers",
     "connection_tokens",
     "end_to_end",
+    "field_with_control_bytes",
     "has_header",
     "header_values",
     "is_event_stream",
@@ -73,6 +74,8 @@ _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 _EVENT_STREAM = b"text/event-stream"
 
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}\Z")
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+"""RFC 9110 section 5.5: a field value has no control character but HTAB."""
 
 
 def header_values(headers: RawHeaders, name: bytes) -> list[bytes]:
@@ -201,6 +204,19 @@ def new_request_id() -> bytes:
     not secret, and a system call per request costs more than the rest of this module.
     """
     return b"%032x" % getrandbits(128)
+
+
+def field_with_control_bytes(headers: RawHeaders) -> bytes | None:
+    """
+    The name of the first field whose value has a control character (NUL, CR, LF, ESC,
+    DEL...: anything RFC 9110 forbids but HTAB); L{None} if there is none. llhttp
+    refuses such values itself; other doors check with this.
+    """
+    search = _CONTROL_BYTE.search
+    for name, value in headers:
+        if search(value) is not None:
+            return name
+    return None
 
 
 def choose_request_id(

@@ -31,8 +31,9 @@ from aiproxy.core.build import build_core
 from aiproxy.core.endpoints import error_response
 from aiproxy.core.handler import ProxyCore
 from aiproxy.core.interfaces import RawHeaders, UpstreamClient
-from aiproxy.errors import BodyTooLarge, InternalError, ProxyError
+from aiproxy.errors import BodyTooLarge, InternalError, InvalidRequest, ProxyError
 from aiproxy.ops.metrics import SharedMetrics
+from aiproxy.rules.headers import field_with_control_bytes
 from aiproxy.rules.target import local_target
 from aiproxy.server.http1 import ClientLimits
 from aiproxy.server.web_channel import ProxyChannel
@@ -86,8 +87,10 @@ class ReverseProxyResource(Resource):
             peer if isinstance(peer, str) else None,
         )
         client = WebClientSide(request)
-        refusal = getattr(request, "refusal", None)
-        if refusal is not None:  # a ProxyRequest's body was too large
+        refusal = getattr(request, "refusal", None)  # a ProxyRequest's body was too large
+        if refusal is None:
+            refusal = _control_bytes_error(headers)
+        if refusal is not None:
             exchange = self.core.refuse(incoming, refusal, client)
         else:
             body = body_of(request.content, self.read_size)
@@ -96,6 +99,15 @@ class ReverseProxyResource(Resource):
         if not client.ended:
             request.notifyFinish().addErrback(lambda failure: exchange.client_gone())
         return NOT_DONE_YET
+
+
+def _control_bytes_error(headers: RawHeaders) -> InvalidRequest | None:
+    """A ``400`` for a header value twisted.web let through with a control character."""
+    name = field_with_control_bytes(headers)
+    if name is None:
+        return None
+    shown = name.decode("ascii", "replace")
+    return InvalidRequest(f"the {shown} header has a control character in its value")
 
 
 class WebClientSide:

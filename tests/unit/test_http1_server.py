@@ -1050,6 +1050,12 @@ BAD_HEADS = [
     ("NUL in value", head(b"X-A: a\x00b") + b"\r\n\r\n", 400),
     ("CR in value", head(b"X-A: a\rb") + b"\r\n\r\n", 400),
     ("control byte in value", head(b"X-A: a\x01b") + b"\r\n\r\n", 400),
+    (
+        "terminal escape in Host",
+        b"GET /v1/models HTTP/1.1\r\nHost: a\x01b\x1b[31m\r\n\r\n",
+        400,
+    ),
+    ("ESC in X-Forwarded-Host", head(b"X-Forwarded-Host: h\x1b[2J") + b"\r\n\r\n", 400),
     ("obs-fold", head(b"X-A: a", b"  folded") + b"\r\n\r\n", 400),
     ("space before first header", b"POST /v1/files HTTP/1.1\r\n Host: h\r\n\r\n", 400),
     ("negative length", head(b"Content-Length: -1") + b"\r\n\r\n", 400),

@@ -252,6 +252,18 @@ def test_targets_with_dot_segments_are_refused(proxy: Proxy, target: bytes) -> N
     assert proxy.upstream.calls == []
 
 
+@pytest.mark.parametrize(
+    "header", [b"Host: a\x01b\x1b[31m", b"X-Forwarded-Host: h\x1b[2J", b"X-Note: a\x7fb"]
+)
+def test_control_bytes_in_a_header_value_get_a_400(proxy: Proxy, header: bytes) -> None:
+    """A header value with a control character (a terminal escape, DEL...) is refused
+    with ``400`` on every door and never forwarded."""
+    host = b"" if header.startswith(b"Host:") else b"Host: h\r\n"
+    proxy.client.send(b"GET /v1/models HTTP/1.1\r\n" + host + header + b"\r\n\r\n")
+    assert proxy.client.response().status == 400
+    assert proxy.upstream.calls == []
+
+
 def test_dots_inside_a_segment_pass(proxy: Proxy) -> None:
     """Dots that are not a whole segment (file names, ``...``, ``.well-known``) pass."""
     proxy.client.request(b"GET", b"/v1/files/a..b.json/.../.well-known?x=/../")
