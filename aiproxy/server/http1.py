@@ -195,6 +195,8 @@ class HTTP11Factory(Factory):
     @param secure: the listener is TLS: requests have the scheme ``https``.
     """
 
+    noisy = False  # the start-up line names the listeners; no "Starting factory" line
+
     def __init__(
         self,
         handler: RequestHandler,

@@ -2032,3 +2032,13 @@ def test_abort_drops_the_connection() -> None:
     assert client.aborted
     client.lose(ConnectionLost())
     assert server.handler.last.exchange.gone == 1
+
+
+def test_starting_a_listener_logs_no_factory_line() -> None:
+    """Starting and stopping the factory of a listener writes nothing to the log: the
+    start-up line names the listeners, without a "Starting factory <...>" line."""
+    server = start_server()
+    with capturedLogs() as events:
+        server.factory.doStart()
+        server.factory.doStop()
+    assert events == []
