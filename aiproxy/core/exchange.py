@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aiproxy.core.endpoints import error_response, http_date
@@ -28,6 +27,7 @@ from aiproxy.core.interfaces import (
     UpstreamResponse,
 )
 from aiproxy.errors import InternalError, ProxyError, UpstreamTimeout
+from aiproxy.ops.logger import log
 from aiproxy.rules.cors import add_response_headers, response_headers
 from aiproxy.rules.headers import (
     client_response_headers,
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 __all__ = ["LocalAnswer", "ProxyExchange"]
 
-log = Logger(namespace="aiproxy")
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 

@@ -11,7 +11,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 
 from aiproxy._version import __version__
 from aiproxy.config import IPNetwork
@@ -39,6 +38,7 @@ from aiproxy.errors import (
     ProxyError,
     WebSocketNotSupported,
 )
+from aiproxy.ops.logger import log
 from aiproxy.rules.cors import (
     CorsPolicy,
     add_response_headers,
@@ -60,8 +60,6 @@ PROXY_BY = f"aiproxy/{__version__}".encode()
 """The ``X-Proxy-By`` value of every response."""
 
 NO_RETRIES = RetryPolicy(max_retries=0, backoff_factor=0)
-
-log = Logger(namespace="aiproxy")
 
 
 class ProxyCore:

@@ -27,10 +27,10 @@ from prometheus_client.utils import floatToGoString
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse
 from aiproxy.core.record import RequestRecord
+from aiproxy.ops.logger import log
 from aiproxy.rules.headers import header_values
 
 __all__ = [
@@ -56,7 +56,6 @@ MAX_MODELS = 100
 PUBLISH_INTERVAL = 1.0
 """Seconds between two snapshots a worker publishes for its siblings."""
 
-log = Logger(namespace="aiproxy")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

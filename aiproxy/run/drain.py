@@ -8,13 +8,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 
 from aiproxy.core.activity import Activity
+from aiproxy.ops.logger import log
 
 __all__ = ["DrainService"]
 
-log = Logger(namespace="aiproxy")
 
 POLL_INTERVAL = 0.05
 """Seconds between looks at the requests in flight and the client connections during a

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
 
 from aiproxy.core.handler import ProxyCore
 from aiproxy.core.interfaces import UpstreamClient
+from aiproxy.ops.logger import log
 
 __all__ = ["CoreService", "PoolService", "SequentialMultiService"]
-
-log = Logger(namespace="aiproxy")
 
 
 class PoolService(Service):

@@ -60,7 +60,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.protocol import Protocol as TwistedProtocol
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aiproxy._twisted import write_now
@@ -76,6 +75,7 @@ from aiproxy.errors import (
     ProxyError,
     error_body,
 )
+from aiproxy.ops.logger import log
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, request_framing
 from aiproxy.rules.headers import choose_request_id
 from aiproxy.server.body import StreamedBody
@@ -94,7 +94,6 @@ __all__ = [
     "HTTP11Request",
 ]
 
-log = Logger(namespace="aiproxy")
 
 BUFFERED_BODY_LIMIT = 256 * 1024
 """The largest request body collected in memory and handed over whole; larger ones stream."""

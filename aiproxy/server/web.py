@@ -17,7 +17,6 @@ from typing import Any
 
 from twisted.internet.error import ConnectionAborted
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
@@ -32,13 +31,12 @@ from aiproxy.core.endpoints import error_response
 from aiproxy.core.handler import ProxyCore
 from aiproxy.core.interfaces import RawHeaders, UpstreamClient
 from aiproxy.errors import BodyTooLarge, InternalError, InvalidRequest, ProxyError
+from aiproxy.ops.logger import log
 from aiproxy.ops.metrics import SharedMetrics
 from aiproxy.rules.headers import field_with_control_bytes
 from aiproxy.rules.target import local_target
 from aiproxy.server.http1 import ClientLimits
 from aiproxy.server.web_channel import ProxyChannel
-
-log = Logger(namespace="aiproxy")
 
 __all__ = [
     "ProxyRequest",

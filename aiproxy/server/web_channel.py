@@ -16,7 +16,6 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, datetimeToString
 from twisted.web.http_headers import Headers
@@ -24,13 +23,13 @@ from twisted.web.http_headers import Headers
 from aiproxy.core.activity import Activity
 from aiproxy.core.handler import PROXY_BY
 from aiproxy.errors import ClientTooSlow, HeadTooLarge, InvalidRequest, ProxyError, error_body
+from aiproxy.ops.logger import log
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, framing_error
 from aiproxy.rules.headers import choose_request_id
 from aiproxy.server.http1 import LINGER, ClientLimits
 
 __all__ = ["ProxyChannel"]
 
-log = Logger(namespace="aiproxy")
 
 _HEAD = "head"
 _BODY = "body"
