@@ -21,18 +21,28 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+if TYPE_CHECKING:
+    from aiproxy.core.interfaces import RawHeaders
+
 __all__ = [
     "BYTES_PER_TOKEN",
+    "CONCURRENT",
+    "DAILY_TOKENS",
     "DAY",
     "MINUTE",
+    "REQUESTS",
+    "TOKENS",
+    "Admitted",
     "Cell",
     "KeyLimits",
     "Rate",
+    "Refusal",
     "duration_text",
+    "rate_limit_headers",
     "settled_tat",
     "token_estimate",
 ]
@@ -40,8 +50,50 @@ __all__ = [
 MINUTE = 60.0
 DAY = 86_400.0
 
+REQUESTS = "requests"
+TOKENS = "tokens"
+DAILY_TOKENS = "daily_tokens"
+CONCURRENT = "concurrent"
+
+
+@attrs.frozen
+class Refusal:
+    """
+    Why a request is over one of its key's limits.
+
+    @ivar kind: ``requests`` (per minute), ``tokens`` (per minute), ``daily_tokens``
+        or ``concurrent``.
+    @ivar limit: the limit's figure.
+    @ivar used: how much of it is in use now.
+    @ivar requested: what the request asked for (1 request, or its tokens).
+    @ivar wait: seconds until it would fit (for ``concurrent``, unknown: 1).
+    """
+
+    kind: str
+    limit: int
+    used: int
+    requested: int
+    wait: float
+
+
 BYTES_PER_TOKEN = 4
 """The prompt estimate: one token per this many bytes of request body (no tokenizer)."""
+
+
+class Admitted(Protocol):
+    """A request admitted under its key's limits, by any limiter."""
+
+    headers: RawHeaders
+    """OpenAI's ``x-ratelimit-*`` fields for the limits that apply."""
+
+    def settle(self, used_tokens: int | None) -> None:
+        """
+        The response ended having used ``used_tokens`` (L{None}: unknown, so the
+        reservation stands); the request no longer counts as in flight.
+        """
+
+    def release(self) -> None:
+        """The upstream was never reached: give back the tokens reserved."""
 
 
 class KeyLimits(Protocol):
@@ -139,6 +191,26 @@ def _max_completion(body: bytes) -> int | None:
         if type(value) is int and value >= 0
     ]
     return max(counts) if counts else None
+
+
+def rate_limit_headers(
+    requests: tuple[int, int, float] | None, tokens: tuple[int, int, float] | None
+) -> RawHeaders:
+    """
+    OpenAI's ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` fields, for
+    each limit that applies: its figure, what remains, and seconds until it is whole.
+    """
+    headers: RawHeaders = []
+    for suffix, figures in ((b"requests", requests), (b"tokens", tokens)):
+        if figures is None:
+            continue
+        limit, remaining, reset = figures
+        headers += [
+            (b"x-ratelimit-limit-" + suffix, b"%d" % limit),
+            (b"x-ratelimit-remaining-" + suffix, b"%d" % remaining),
+            (b"x-ratelimit-reset-" + suffix, duration_text(reset).encode()),
+        ]
+    return headers
 
 
 def duration_text(seconds: float) -> str:

@@ -9,42 +9,22 @@ import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from aiproxy.access.limits import (
+    CONCURRENT,
+    DAILY_TOKENS,
     DAY,
     MINUTE,
+    REQUESTS,
+    TOKENS,
     Cell,
     KeyLimits,
     Rate,
-    duration_text,
+    Refusal,
+    rate_limit_headers,
     settled_tat,
 )
 from aiproxy.core.interfaces import RawHeaders
 
-__all__ = ["Admission", "MemoryLimiter", "Refusal"]
-
-REQUESTS = "requests"
-TOKENS = "tokens"
-DAILY_TOKENS = "daily_tokens"
-CONCURRENT = "concurrent"
-
-
-@attrs.frozen
-class Refusal:
-    """
-    Why a request is over one of its key's limits.
-
-    @ivar kind: ``requests`` (per minute), ``tokens`` (per minute), ``daily_tokens``
-        or ``concurrent``.
-    @ivar limit: the limit's figure.
-    @ivar used: how much of it is in use now.
-    @ivar requested: what the request asked for (1 request, or its tokens).
-    @ivar wait: seconds until it would fit (for ``concurrent``, unknown: 1).
-    """
-
-    kind: str
-    limit: int
-    used: int
-    requested: int
-    wait: float
+__all__ = ["Admission", "MemoryLimiter"]
 
 
 @attrs.define(eq=False)
@@ -131,19 +111,14 @@ class MemoryLimiter:
         reserved = {
             kind: (rate, cost) for kind, (rate, cost, _) in cells.items() if kind != REQUESTS
         }
-        return Admission(state, reserved, _headers(cells), bool(concurrent))
+        headers = rate_limit_headers(_figures(cells, REQUESTS), _figures(cells, TOKENS))
+        return Admission(state, reserved, headers, bool(concurrent))
 
 
-def _headers(cells: dict[str, tuple[Rate, int, Cell]]) -> RawHeaders:
-    headers: RawHeaders = []
-    for kind, suffix in ((REQUESTS, b"requests"), (TOKENS, b"tokens")):
-        entry = cells.get(kind)
-        if entry is None:
-            continue
-        rate, _, cell = entry
-        headers += [
-            (b"x-ratelimit-limit-" + suffix, b"%d" % rate.limit),
-            (b"x-ratelimit-remaining-" + suffix, b"%d" % cell.remaining),
-            (b"x-ratelimit-reset-" + suffix, duration_text(cell.reset).encode()),
-        ]
-    return headers
+def _figures(cells: dict[str, tuple[Rate, int, Cell]], kind: str) -> tuple[int, int, float] | None:
+    """A limit's figure, what remains and when it is whole; L{None} if it does not apply."""
+    entry = cells.get(kind)
+    if entry is None:
+        return None
+    rate, _, cell = entry
+    return rate.limit, cell.remaining, cell.reset

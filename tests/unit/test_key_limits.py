@@ -9,8 +9,8 @@ import attrs
 import pytest
 from twisted.internet.task import Clock
 
-from aiproxy.access.limits import duration_text, token_estimate
-from aiproxy.access.memory import Admission, MemoryLimiter, Refusal
+from aiproxy.access.limits import Refusal, duration_text, token_estimate
+from aiproxy.access.memory import Admission, MemoryLimiter
 
 
 @attrs.define
