@@ -1,0 +1,182 @@
+"""
+Per-key limits shared through a real ``redis-server``: two limiters (as two worker
+processes or two proxies would be) hold one limit between them, and the failure policy
+applies while Redis is down, until it is back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.logger import capturedLogs
+
+from aiproxy.access.limits import Refusal
+from aiproxy.access.redis import RedisAdmission, RedisLimiter, Unavailable
+
+from .redis_server import REDIS_SERVER, RedisServer, connect, start_redis
+from .support import sleep
+
+pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server")
+
+
+@attrs.define
+class Limits:
+    """A key's limits, as the key file gives them."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+    concurrent: int | None = None
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A fresh ``redis-server`` for the test, stopped after it."""
+    server = await start_redis(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def clients(redis: RedisServer) -> AsyncIterator[list[Any]]:
+    """Two client connections to it, as two processes would have."""
+    connections = [await connect(redis), await connect(redis)]
+    yield connections
+    for connection in connections:
+        await connection.disconnect()
+
+
+@attrs.define
+class CountingRedis:
+    """A Redis client that counts the scripts it runs."""
+
+    client: Any
+    calls: int = 0
+
+    def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        self.calls += 1
+        return self.client.eval(script, keys, args)
+
+
+def limiters(clients: list[Any], *, fail_open: bool = True) -> list[RedisLimiter]:
+    return [RedisLimiter(client, reactor, fail_open=fail_open) for client in clients]
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_share_one_requests_limit(clients: list[Any]) -> None:
+    """RPM 5 checked by two limiters, alternately: five requests in all, not per limiter."""
+    first, second = limiters(clients)
+    results = [
+        await (first if n % 2 else second).admit("alice", Limits(rpm=5), 0, f"r{n}")
+        for n in range(10)
+    ]
+    assert sum(isinstance(r, RedisAdmission) for r in results) == 5
+    refusal = results[5]
+    assert isinstance(refusal, Refusal)
+    assert (refusal.kind, refusal.limit, refusal.used) == ("requests", 5, 5)
+    assert 11.5 < refusal.wait <= 12.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_reservations_are_shared_and_settled(clients: list[Any]) -> None:
+    """TPM 1000 and requests that may use 400: two in all are admitted; settling one
+    with its real usage of 100 makes room for one more, in the other process too."""
+    first, second = limiters(clients)
+    limits = Limits(tpm=1000)
+    admitted = [
+        await first.admit("alice", limits, 400, "a"),
+        await second.admit("alice", limits, 400, "b"),
+    ]
+    assert all(isinstance(a, RedisAdmission) for a in admitted)
+    refusal = await first.admit("alice", limits, 400, "c")
+    assert isinstance(refusal, Refusal) and (refusal.kind, refusal.used) == ("tokens", 800)
+    admitted[0].settle(100)
+    await sleep(0.05)  # the settlement is sent, not waited for
+    assert isinstance(await second.admit("alice", limits, 400, "d"), RedisAdmission)
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_in_flight_are_counted_across_processes(clients: list[Any]) -> None:
+    """``concurrent = 1``: the second request, from the other process, waits for the
+    first to end."""
+    first, second = limiters(clients)
+    limits = Limits(concurrent=1)
+    admission = await first.admit("alice", limits, 0, "one")
+    assert isinstance(admission, RedisAdmission)
+    refusal = await second.admit("alice", limits, 0, "two")
+    assert isinstance(refusal, Refusal) and refusal.kind == "concurrent"
+    admission.release()
+    await sleep(0.05)
+    assert isinstance(await second.admit("alice", limits, 0, "three"), RedisAdmission)
+
+
+@pytest_twisted.ensureDeferred
+async def test_admissions_say_the_limits_as_openai_does(clients: list[Any]) -> None:
+    """The first request of a fresh key under RPM 60 and TPM 1000 says what remains."""
+    [limiter, _] = limiters(clients)
+    admission = await limiter.admit("bob", Limits(rpm=60, tpm=1000), 250, "r")
+    assert isinstance(admission, RedisAdmission)
+    assert admission.headers == [
+        (b"x-ratelimit-limit-requests", b"60"),
+        (b"x-ratelimit-remaining-requests", b"59"),
+        (b"x-ratelimit-reset-requests", b"1s"),
+        (b"x-ratelimit-limit-tokens", b"1000"),
+        (b"x-ratelimit-remaining-tokens", b"750"),
+        (b"x-ratelimit-reset-tokens", b"15s"),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_over_its_limit_is_refused_without_asking_redis_again(
+    clients: list[Any],
+) -> None:
+    """Once Redis has said a key is over its requests limit, the limiter refuses it
+    locally until the wait is over."""
+    counting = CountingRedis(clients[0])
+    limiter = RedisLimiter(counting, reactor, fail_open=True)
+    await limiter.admit("carol", Limits(rpm=1), 0, "1")
+    assert isinstance(await limiter.admit("carol", Limits(rpm=1), 0, "2"), Refusal)
+    for n in range(5):
+        refusal = await limiter.admit("carol", Limits(rpm=1), 0, f"x{n}")
+        assert isinstance(refusal, Refusal) and 0 < refusal.wait <= 60
+    assert counting.calls == 2
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["open", "closed"])
+@pytest_twisted.ensureDeferred
+async def test_redis_down_applies_the_policy_until_it_is_back(
+    redis: RedisServer, clients: list[Any], fail_open: bool
+) -> None:
+    """Redis stopped: ``open`` admits (no limit figures), ``closed`` refuses, with one
+    warning for the outage; once Redis is back the limits hold again."""
+    [limiter, _] = limiters(clients, fail_open=fail_open)
+    limits = Limits(rpm=1)
+    assert isinstance(await limiter.admit("dave", limits, 0, "1"), RedisAdmission)
+    redis.stop()
+    with capturedLogs() as events:
+        outcomes = [await limiter.admit("dave", limits, 0, f"down{n}") for n in range(3)]
+    if fail_open:
+        assert all(o.headers == [] for o in outcomes if not isinstance(o, Unavailable))
+        assert not any(isinstance(o, (Unavailable, Refusal)) for o in outcomes)
+    else:
+        assert all(isinstance(o, Unavailable) for o in outcomes)
+    assert [e["log_level"].name for e in events if "Redis failed" in e.get("log_format", "")] == [
+        "warn"
+    ]
+    assert limiter.errors >= 3
+    await redis.start()
+
+    async def answers() -> bool:
+        return isinstance(await limiter.admit("erin", limits, 0, "back"), RedisAdmission)
+
+    deadline = reactor.seconds() + 10
+    while not await answers():
+        assert reactor.seconds() < deadline, "Redis did not come back"
+        await sleep(0.2)
+    assert isinstance(await limiter.admit("erin", limits, 0, "again"), Refusal)
