@@ -383,6 +383,14 @@ class Config:
         parse_float,
         _at_least(0),
     )
+    tunnel_idle_timeout: float = _setting(
+        300.0,
+        "TUNNEL_IDLE_TIMEOUT",
+        "tunnel-idle-timeout",
+        "Seconds a WebSocket tunnel may pass no byte either way before it is closed",
+        parse_float,
+        _at_least(0, strict=True),
+    )
     header_timeout: float = _setting(
         10.0,
         "HEADER_TIMEOUT",

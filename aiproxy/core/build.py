@@ -49,6 +49,7 @@ def build_core(
         trusted_proxies=config.trusted_networks,
         request_timeout=config.request_timeout,
         stream_idle_timeout=config.stream_idle_timeout,
+        tunnel_idle_timeout=config.tunnel_idle_timeout,
         total_timeout=config.total_timeout,
         retry_policy=RetryPolicy(
             config.max_retries, config.retry_backoff_factor, config.retry_on_status

@@ -24,12 +24,15 @@ from aiproxy.core.interfaces import (
     LocalResponse,
     RawHeaders,
     RequestBody,
+    TunnelEnd,
     UpstreamResponse,
 )
+from aiproxy.core.tunnel import Tunnel
 from aiproxy.errors import InternalError, ProxyError, UpstreamTimeout
 from aiproxy.ops.logger import log
 from aiproxy.rules.cors import add_response_headers, response_headers
 from aiproxy.rules.headers import (
+    UPGRADE_TO_WEBSOCKET,
     client_response_headers,
     header_values,
     is_event_stream,
@@ -157,6 +160,8 @@ class ProxyExchange(_Handled):
         "stream",
         "timed_out",
         "total_timer",
+        "tunnel",
+        "upgrading",
         "wait",
     )
 
@@ -179,6 +184,8 @@ class ProxyExchange(_Handled):
         self.head = b""
         self.deadline = 0.0
         self.wait = 0.0
+        self.upgrading = False  # a WebSocket upgrade the client's door can tunnel
+        self.tunnel: Tunnel | None = None
 
     # -- sending -------------------------------------------------------------------
 
@@ -193,6 +200,8 @@ class ProxyExchange(_Handled):
             scheme=request.scheme,
             request_id=request.request_id,
         )
+        if self.upgrading:
+            headers += UPGRADE_TO_WEBSOCKET
         length = len(body) if isinstance(body, bytes) else body.length
         target = core.target
         self.head = request_head(
@@ -325,6 +334,9 @@ class ProxyExchange(_Handled):
                 request_id=record.request_id,
             )
         upstream_headers = response.headers
+        if response.tunnel is not None:
+            self._open_tunnel(response, response.tunnel)
+            return
         headers = self.own_headers(client_response_headers(upstream_headers))
         self.response = response
         has_body = response.has_body
@@ -339,6 +351,24 @@ class ProxyExchange(_Handled):
         response.deliver(self)
         if not self.done:
             self.client.flush()
+
+    def _open_tunnel(self, response: UpstreamResponse, upstream: TunnelEnd) -> None:
+        """The upstream switched to WebSocket: relay its ``101`` as sent, then bytes."""
+        client = self.client.upgrade(response.status, response.reason, response.headers)
+        log.info(
+            "Tunnel opened: {method} {path} [ID: {request_id}]",
+            method=self.request.record.method,
+            path=self.request.record.path,
+            request_id=self.request.record.request_id,
+        )
+        self.tunnel = Tunnel(self, client, upstream)
+        self.tunnel.start()
+
+    def tunnel_ended(self, tunnel: Tunnel) -> None:
+        """The tunnel has closed: the exchange ends with it."""
+        self.request.record.tunnel_closed_by = tunnel.closed_by
+        self.bytes_out = tunnel.bytes_out
+        self.end(cancelled=False)
 
     def body_received(self, pieces: list[bytes], raw_chunked: bytes | None) -> None:
         """Pass body bytes on at once, and show them to the usage meter."""
@@ -397,6 +427,9 @@ class ProxyExchange(_Handled):
 
     def _total_expired(self) -> None:
         self.total_timer = None
+        if self.tunnel is not None:
+            self.tunnel.end("proxy", f"TOTAL_TIMEOUT of {self.core.total_timeout:g}s reached")
+            return
         if self.done or self.response is None:
             return  # before the response head, the headers deadline covers it
         self.request.record.upstream_error = "stream_timeout"
@@ -409,6 +442,9 @@ class ProxyExchange(_Handled):
     def client_gone(self) -> None:
         """The client left: drop the upstream request at once, so it stops generating."""
         if self.done:
+            return
+        if self.tunnel is not None:  # a drain out of time
+            self.tunnel.end("proxy", "the graceful shutdown ran out of time", abort=True)
             return
         cancelled = False
         if self.pending is not None:

@@ -32,6 +32,7 @@ from aiproxy.core.record import RequestRecord
 from aiproxy.core.sweep import IdleSweep
 from aiproxy.errors import (
     BadRequestTarget,
+    InvalidRequest,
     MethodNotAllowed,
     OriginNotAllowed,
     Overloaded,
@@ -85,6 +86,8 @@ class ProxyCore:
     @ivar cancelled: upstream requests cancelled because their client went away.
     @ivar retries: upstream requests sent again.
     @ivar active_streams: event streams being relayed now.
+    @ivar active_tunnels: WebSocket tunnels open now.
+    @ivar tunnels: the idle sweep of the tunnels (``TUNNEL_IDLE_TIMEOUT``).
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class ProxyCore:
         trusted_proxies: Sequence[IPNetwork] = (),
         request_timeout: float = 300.0,
         stream_idle_timeout: float = 300.0,
+        tunnel_idle_timeout: float = 300.0,
         total_timeout: float = 0.0,
         retry_policy: RetryPolicy = NO_RETRIES,
         max_concurrent_requests: int = 0,
@@ -122,10 +126,12 @@ class ProxyCore:
         self.log_requests = log_requests
         self.debug = debug
         self.idle_sweep = IdleSweep(clock, stream_idle_timeout)
+        self.tunnels = IdleSweep(clock, tunnel_idle_timeout)
         self.proxy_by = PROXY_BY
         self.cancelled = 0
         self.retries = 0
         self.active_streams = 0
+        self.active_tunnels = 0
         self.proxied_in_flight = 0
 
     # -- what doors call ---------------------------------------------------------
@@ -191,14 +197,15 @@ class ProxyCore:
                 BadRequestTarget("the request target must not have '.' or '..' segments"),
             )
         if is_websocket_upgrade(request.headers):
-            return self._refuse(
-                request, client, WebSocketNotSupported("WebSocket is not supported yet")
-            )
+            refusal = _tunnel_refusal(request, body, client)
+            if refusal is not None:
+                return self._refuse(request, client, refusal)
         limit = self.max_concurrent_requests
         if limit and self.proxied_in_flight >= limit:
             overloaded = f"the proxy is handling its limit of {limit} requests; retry shortly"
             return self._refuse(request, client, Overloaded(overloaded))
         exchange = ProxyExchange(self, request, body, client)
+        exchange.upgrading = client.tunnels and is_websocket_upgrade(request.headers)
         self._started(exchange)
         if limit:
             self.proxied_in_flight += 1
@@ -291,3 +298,14 @@ _EMPTY_OK: Endpoint = _empty_ok
 def _host_header(target: Target) -> bytes:
     """The ``Host`` header for ``target``: its host, and its port unless the default."""
     return target.origin.partition(b"://")[2]
+
+
+def _tunnel_refusal(request: Incoming, body: RequestBody, client: ClientSide) -> ProxyError | None:
+    """Why a WebSocket upgrade cannot be tunnelled; L{None} if it can."""
+    if not client.tunnels:
+        return WebSocketNotSupported(
+            "WebSocket needs an HTTP/1.1 connection to aiproxy's own server"
+        )
+    if request.method != b"GET" or body != b"":
+        return InvalidRequest("a WebSocket upgrade is a GET without a body")
+    return None

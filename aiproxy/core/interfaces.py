@@ -36,6 +36,8 @@ __all__ = [
     "RequestBody",
     "RequestHandler",
     "ResponseSink",
+    "TunnelEnd",
+    "TunnelPeer",
     "UpstreamClient",
     "UpstreamResponse",
 ]
@@ -192,6 +194,56 @@ class ClientSide(Protocol):
         connection); L{None} unregisters it.
         """
 
+    @property
+    def tunnels(self) -> bool:
+        """Whether this door can turn the connection into a tunnel (:meth:`upgrade`)."""
+
+    def upgrade(self, status: int, reason: bytes, headers: RawHeaders) -> TunnelEnd:
+        """
+        Send a ``101 Switching Protocols`` head (``headers`` exactly as given, hop-by-hop
+        fields included) instead of :meth:`send_head`, and hand over the connection:
+        from now on its bytes go through the returned end, unparsed.
+        """
+
+
+class TunnelPeer(Protocol):
+    """Who a :class:`TunnelEnd` reports to: the tunnel that joins it to the other end."""
+
+    def received(self, end: TunnelEnd, data: bytes) -> None:
+        """``end``'s side sent ``data``."""
+
+    def closed(self, end: TunnelEnd, reason: str | None) -> None:
+        """``end``'s side closed (``reason`` L{None}) or was lost (``reason`` says how)."""
+
+
+class TunnelEnd(Protocol):
+    """
+    One side of a byte tunnel after a ``101``: the client's connection or the
+    upstream's. Bytes that arrived with the ``101`` are passed on at :meth:`join`.
+    """
+
+    producer: IPushProducer
+    """Pauses and resumes reading from this side."""
+
+    @property
+    def gone(self) -> bool:
+        """Whether this side is closed or lost."""
+
+    def join(self, peer: TunnelPeer) -> None:
+        """Report to ``peer`` from now on: what is held at once, then as it comes."""
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` to this side."""
+
+    def pause_with(self, producer: IPushProducer) -> None:
+        """Pause ``producer`` (the other side's reading) while this side's sending is behind."""
+
+    def close(self) -> None:
+        """Close this side once what was written is sent; drop it if it lingers."""
+
+    def abort(self) -> None:
+        """Drop this side now."""
+
 
 class BodySink(Protocol):
     """Where a :class:`BodySource` writes a request body (the upstream connection)."""
@@ -261,6 +313,8 @@ class UpstreamResponse(Protocol):
     """False for a response to ``HEAD`` and for ``204``/``304``."""
     producer: IPushProducer
     """Pauses and resumes reading the response (the connection's transport)."""
+    tunnel: TunnelEnd | None
+    """For a ``101`` to a request that asked to upgrade: the connection, as a tunnel end."""
 
     def deliver(self, sink: ResponseSink) -> None:
         """Start passing the body to ``sink`` (at once if it has none: ``body_done``)."""
@@ -277,7 +331,8 @@ class UpstreamClient(Protocol):
         Send one request and fire with its response head.
 
         @param head: the whole request head as it goes on the wire, request line to
-            the empty line, framing fields included.
+            the empty line, framing fields included. A head with an ``Upgrade`` field
+            may be answered ``101``: the response's ``tunnel`` is then the connection.
         @return: fires with the response, or fails with one of
             :mod:`aiproxy.upstream.errors`' exceptions (or ``body``'s failure);
             cancelling it before the response head drops the connection.

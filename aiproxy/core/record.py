@@ -35,6 +35,8 @@ class RequestRecord:
         :func:`aiproxy.core.failures.classify`), if there was one.
     @ivar usage_meter: what reads the model and token counts from the response body.
     @ivar usage: the model and token counts read from the response, if any.
+    @ivar tunnel_closed_by: for a WebSocket tunnel, which side ended it (``client``,
+        ``upstream`` or ``proxy``).
     """
 
     method: str = "-"
@@ -52,6 +54,7 @@ class RequestRecord:
     upstream_error: str | None = None
     usage_meter: UsageMeter | None = None
     usage: Usage | None = None
+    tunnel_closed_by: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
         """The record as the named fields of a log event (and of a JSON log line)."""
@@ -73,6 +76,7 @@ class RequestRecord:
             "model": None if usage is None else usage.model,
             "prompt_tokens": None if usage is None else usage.prompt_tokens,
             "completion_tokens": None if usage is None else usage.completion_tokens,
+            "tunnel_closed_by": self.tunnel_closed_by,
         }
 
     def log_format(self) -> str:
@@ -99,4 +103,6 @@ class RequestRecord:
                 text += " [Tokens: {prompt_tokens} prompt, {completion_tokens} completion]"
         if self.retries:
             text += " [Retries: {retries}]"
+        if self.tunnel_closed_by is not None:
+            text += " [Tunnel closed by: {tunnel_closed_by}]"
         return text

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HOP_BY_HOP",
+    "UPGRADE_TO_WEBSOCKET",
     "choose_request_id",
     "client_response_headers",
     "connection_tokens",
@@ -49,6 +50,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 """RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded."""
+
+UPGRADE_TO_WEBSOCKET = ((b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"))
+"""
+The hop-by-hop fields a WebSocket upgrade sends upstream (the client's own are dropped
+with the other hop-by-hop fields); ``Sec-WebSocket-*`` fields pass as end-to-end ones.
+"""
 
 REPLACED_ON_REQUEST = frozenset(
     {

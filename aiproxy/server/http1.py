@@ -66,7 +66,15 @@ from aiproxy._twisted import write_now
 from aiproxy.core.activity import Activity
 from aiproxy.core.admission import is_websocket_upgrade
 from aiproxy.core.handler import PROXY_BY
-from aiproxy.core.interfaces import Exchange, Incoming, RawHeaders, RequestBody, RequestHandler
+from aiproxy.core.interfaces import (
+    Exchange,
+    Incoming,
+    RawHeaders,
+    RequestBody,
+    RequestHandler,
+    TunnelEnd,
+)
+from aiproxy.core.tunnel import TransportEnd
 from aiproxy.errors import (
     BodyTooLarge,
     ClientTooSlow,
@@ -253,6 +261,8 @@ class HTTP11Request:
     door_error: ProxyError | None = None
     """An error in its head, answered by the connection itself."""
     upgrade_pending = False
+    tunnel = False
+    """A WebSocket upgrade: the connection may become a tunnel (:meth:`upgrade`)."""
     close_after = False
     linger = False
     close_now = False
@@ -379,6 +389,17 @@ class HTTP11Request:
             transport.registerProducer(producer, True)
             self._producing = True
 
+    @property
+    def tunnels(self) -> bool:
+        """Whether this request may become a tunnel: a WebSocket upgrade over HTTP/1.1."""
+        return self.tunnel and self.version == b"HTTP/1.1" and not self.ended
+
+    def upgrade(self, status: int, reason: bytes, headers: RawHeaders) -> TunnelEnd:
+        """Write the ``101`` head as given; the connection is a tunnel end from now on."""
+        self._head_sent = self.ended = True
+        lines = [b"HTTP/1.1 %d %s" % (status, reason), *map(_FIELD, headers), b"\r\n"]
+        return self._connection._become_tunnel(self, b"\r\n".join(lines))
+
 
 class HTTP11Connection(TwistedProtocol):
     """
@@ -431,6 +452,7 @@ class HTTP11Connection(TwistedProtocol):
         self._phase_started = 0.0
         self._phase_base = 0
         self._body_started = 0.0  # the body phase's start, the time held back added
+        self._tunnel: TransportEnd | None = None
 
     # -- Protocol ------------------------------------------------------------------------
 
@@ -444,6 +466,10 @@ class HTTP11Connection(TwistedProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Parse ``data`` (or drop it, once nothing more is read), then act on it."""
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel.data(data)
+            return
         if not self._reading:
             return
         if self._stash:  # arrived before the pause took effect (TLS delivers in records)
@@ -464,6 +490,8 @@ class HTTP11Connection(TwistedProtocol):
         if self._gone:
             return
         self._gone = self._closed = True
+        if self._tunnel is not None:
+            self._tunnel.lost(None if reason.check(ConnectionDone) else reason.getErrorMessage())
         self._reading = False
         self._phase = 0
         if self._deadline is not None:
@@ -590,9 +618,14 @@ class HTTP11Connection(TwistedProtocol):
         if not parser.should_keep_alive():
             request.close_after = True
         if parser.should_upgrade():
-            if request.method == b"CONNECT" or is_websocket_upgrade(request.headers):
-                # Answered (405, 501) as an ordinary request; nothing after it is read.
+            if request.method == b"CONNECT":
+                # Answered (405) as an ordinary request; nothing after it is read.
                 request.close_after = request.linger = True
+                return
+            if is_websocket_upgrade(request.headers):
+                # The core asks the upstream. What follows the head waits, unparsed, for
+                # the answer: a 101 makes it the tunnel's; anything else closes.
+                request.tunnel = request.close_after = request.linger = True
                 return
             # Any other upgrade is ignored: the request is ordinary, and HTTP/1.1 goes
             # on after it; llhttp ends the message here, so its body is read by the
@@ -655,6 +688,8 @@ class HTTP11Connection(TwistedProtocol):
             if request.incoming is not None:
                 request.incoming.record.bytes_in = request.received
             source.finish()
+        if request.tunnel:
+            return  # llhttp stops at the upgrade; the rest is stashed until the answer
         if request.close_after:
             self._reading = False
             raise _Stop
@@ -903,6 +938,29 @@ class HTTP11Connection(TwistedProtocol):
                 self._close()
             return
         self._advance()
+
+    def _become_tunnel(self, request: HTTP11Request, head: bytes) -> TransportEnd:
+        """
+        Send ``head`` (a ``101``) and hand the connection over: what the client sent
+        after its request, and everything it sends from now on, goes to the tunnel end;
+        no deadline of this connection applies any more.
+        """
+        held = self._stash[self._stash_at :]
+        self._stash = b""
+        self._requests.clear()
+        self._parsing = None
+        self._reading = False
+        self._phase = 0
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self._pauses:
+            self._pauses = 0
+            self._paused_at = None
+            self._transport.resumeProducing()
+        self._tunnel = tunnel = TransportEnd(self._transport, held)
+        write_now(self._transport, head)
+        return tunnel
 
     def _closes_after(self, request: HTTP11Request) -> None:
         """``request``'s response says ``Connection: close``: nothing after it is answered."""

@@ -29,7 +29,7 @@ from aiproxy.core.body import body_of
 from aiproxy.core.build import build_core
 from aiproxy.core.endpoints import error_response
 from aiproxy.core.handler import ProxyCore
-from aiproxy.core.interfaces import RawHeaders, UpstreamClient
+from aiproxy.core.interfaces import RawHeaders, TunnelEnd, UpstreamClient
 from aiproxy.errors import BodyTooLarge, InternalError, InvalidRequest, ProxyError
 from aiproxy.ops.logger import log
 from aiproxy.ops.metrics import SharedMetrics
@@ -180,6 +180,13 @@ class WebClientSide:
             self._producing = False
             if self.request.channel is not None:
                 self.request.unregisterProducer()
+
+    tunnels = False
+    """twisted.web owns the connection: no WebSocket tunnel through this door."""
+
+    def upgrade(self, status: int, reason: bytes, headers: RawHeaders) -> TunnelEnd:
+        """Never called: this door does not tunnel (:attr:`tunnels`)."""
+        raise NotImplementedError("the twisted.web door does not tunnel")
 
 
 class ProxyRequest(Request):

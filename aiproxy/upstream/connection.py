@@ -6,6 +6,7 @@ A connection carries one request at a time (no pipelining). Its states::
 
     IDLE --send--> HEAD --final head--> BODY --message complete--> IDLE (kept) or CLOSED
                      \\--HEAD request or failure-------------------------------^
+                     \\--101 to a request with an Upgrade field--> TUNNEL (raw bytes)
 
 The parser calls back into the connection (bound methods, registered once per parser);
 the callbacks only record what they saw, and :meth:`UpstreamConnection.dataReceived`
@@ -15,14 +16,15 @@ to its owner (the pool) or closes it. Calls into other code come last, so whatev
 code does (abort, pause, send another request) finds the connection in a clean state.
 
 The upstream is trusted, but not blindly: llhttp puts no bound on a response head and
-lets some control bytes through, so the head's size and line count, control bytes in
-the status line and field values, ``1xx`` floods and unasked-for ``101``\\ s are
-checked here as the bytes arrive. Any byte beyond the response (a longer body than its
-``Content-Length``, bytes after the final chunk, a second response, anything on an idle
-connection) closes the connection; such bytes never reach a sink. (The one exception:
-CR and LF bytes that come right after a response in the same read are skipped by llhttp
-between messages, as RFC 9112 section 2.2 allows, and go unnoticed; they cannot make a
-response.)
+lets some control bytes through, so the head's size and line count, control bytes in the
+status line and field values, ``1xx`` floods and unasked-for ``101``\\ s are checked
+here as the bytes arrive (a ``101`` is only taken as the answer to a request whose head
+has an ``Upgrade`` field; the connection is then a tunnel end, never reused). Any byte
+beyond the response (a longer body than its ``Content-Length``, bytes after the final
+chunk, a second response, anything on an idle connection) closes the connection; such
+bytes never reach a sink. (The one exception: CR and LF bytes that come right after a
+response in the same read are skipped by llhttp between messages, as RFC 9112 section
+2.2 allows, and go unnoticed; they cannot make a response.)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aiproxy._twisted import write_now
+from aiproxy.core.tunnel import TransportEnd
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES
 from aiproxy.upstream.errors import (
     BadResponse,
@@ -65,6 +68,7 @@ if TYPE_CHECKING:
         RawHeaders,
         RequestBody,
         ResponseSink,
+        TunnelEnd,
         UpstreamResponse,
     )
 
@@ -96,7 +100,7 @@ __all__ = ["MAX_INTERIM_RESPONSES", "Response", "ResponseProducer", "UpstreamCon
 MAX_INTERIM_RESPONSES = 10
 """The most ``1xx`` responses accepted before the final one."""
 
-_IDLE, _HEAD, _BODY, _DONE, _CLOSED = range(5)
+_IDLE, _HEAD, _BODY, _DONE, _CLOSED, _TUNNEL = range(6)
 """Connection states: no request; waiting for the final head; reading the body; the
 message is complete (only during one read); closing or closed."""
 
@@ -107,6 +111,8 @@ _UNTIL_DELIVER = 2
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 """A byte not allowed in a reason phrase or a field value (HTAB is)."""
 
+_ASKS_UPGRADE = b"\r\nUpgrade: "
+"""How a request head built by aiproxy asks to upgrade (only tunnel requests keep it)."""
 _CONTROL_IN_HEAD = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 """The same without CR and LF, which end lines (llhttp checks those): searched over each
 read while in the head, so that the per-field checks run only once it finds one."""
@@ -212,6 +218,7 @@ class Response:
         "producer",
         "reason",
         "status",
+        "tunnel",
     )
 
     def __init__(
@@ -229,6 +236,7 @@ class Response:
         self.length = length
         self.has_body = has_body
         self.producer: IPushProducer = ResponseProducer(connection)
+        self.tunnel: TunnelEnd | None = None
         self._connection: UpstreamConnection | None = connection
         self._sink: ResponseSink | None = None
         self._held: list[tuple[list[bytes], bytes | None]] = []
@@ -384,6 +392,8 @@ class UpstreamConnection(Protocol):
         # The request in flight.
         self._waiter: Deferred[UpstreamResponse] | None = None
         self._is_head = False
+        self._upgrade = False
+        self._tunnel: TransportEnd | None = None
         self._body: BodySource | None = None
         self._body_writer: _BodyWriter | None = None
         # Its response head.
@@ -430,6 +440,8 @@ class UpstreamConnection(Protocol):
             self._body_data(data)
         elif state == _HEAD:
             self._head_data(data)
+        elif state == _TUNNEL:
+            cast(TransportEnd, self._tunnel).data(data)
         elif state == _IDLE:
             # Nobody asked: the upstream is confused (or worse). Never reuse it.
             self._state = _CLOSED
@@ -444,6 +456,9 @@ class UpstreamConnection(Protocol):
         self._parser = None
         if state == _IDLE:
             self._owner.forget(self)
+        elif state == _TUNNEL:
+            lost = None if reason.check(ConnectionDone) else _describe(reason)
+            cast(TransportEnd, self._tunnel).lost(lost)
         elif state == _HEAD:
             waiter = self._waiter
             self._waiter = None
@@ -502,6 +517,7 @@ class UpstreamConnection(Protocol):
         self._waiter = waiter
         self.reused = reused
         self._is_head = method == b"HEAD"
+        self._upgrade = _ASKS_UPGRADE in head
         self._state = _HEAD
         self._got_bytes = False
         self._head_size = 0
@@ -649,7 +665,12 @@ class UpstreamConnection(Protocol):
                     too_large = True
                 else:
                     parser.feed_data(data[room:])
-        except (HttpParserError, _ParserUpgrade) as e:
+        except _ParserUpgrade as e:
+            if self._state != _TUNNEL:
+                failed = self._check_parser_error(e)
+            else:  # bytes after the 101 head are the tunnel's
+                cast(TransportEnd, self._tunnel).data(data[int(e.args[0]) :])
+        except HttpParserError as e:
             failed = self._check_parser_error(e)
         if not self._head_arrived:
             if too_large:
@@ -673,6 +694,12 @@ class UpstreamConnection(Protocol):
         self._waiter = None
         response = cast(Response, self._response)
         state = self._state
+        if state == _TUNNEL:
+            self._response = None
+            response._detach()
+            if waiter is not None:
+                waiter.callback(response)
+            return
         if pieces:
             response._held.append((pieces, None))
         if state == _DONE:
@@ -795,7 +822,10 @@ class UpstreamConnection(Protocol):
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise self._refuse("switched protocols (101), which aiproxy never asks for")
+                if not self._upgrade:
+                    raise self._refuse("switched protocols (101), which aiproxy never asks for")
+                self._switch()
+                return
             if status < 100:
                 raise self._refuse(f"sent status {status}, which is not between 100 and 599")
             self._interim += 1
@@ -819,6 +849,14 @@ class UpstreamConnection(Protocol):
             self._fresh_parser = True
         else:
             self._state = _BODY
+
+    def _switch(self) -> None:
+        """A ``101`` to an upgrade: the response, with the connection as its tunnel end."""
+        response = Response(self, 101, self._reason, self._headers, None, False)
+        self._tunnel = response.tunnel = TransportEnd(self._transport)
+        self._response = response
+        self._head_arrived = True
+        self._state = _TUNNEL
 
     def on_body(self, body: bytes) -> None:
         """Body bytes (decoded from chunks if chunked)."""

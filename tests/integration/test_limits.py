@@ -255,20 +255,23 @@ async def test_requests_over_max_concurrent_requests_get_a_503_until_a_place_is_
 
 
 @pytest_twisted.ensureDeferred
-async def test_websocket_upgrade_is_a_501_and_h2c_upgrade_is_forwarded_without_it(
+async def test_websocket_upgrade_is_asked_and_h2c_upgrade_is_forwarded_without_it(
     upstream: Upstream, start_proxy: Callable[..., Proxy]
 ) -> None:
-    """``Upgrade: websocket`` gets the JSON 501; ``Upgrade: h2c`` is dropped and the
-    request is forwarded as an ordinary HTTP/1.1 request."""
+    """``Upgrade: websocket`` is asked of the upstream (which answers without switching,
+    so its answer is relayed and the connection closes); ``Upgrade: h2c`` is dropped and
+    the request is forwarded as an ordinary HTTP/1.1 request."""
     proxy = start_proxy(upstream.url)
     websocket = await raw_exchange(
         proxy.port,
         b"GET /echo HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
-    assert websocket.status == 501
-    assert websocket.json()["error"]["message"] == "WebSocket is not supported yet"
-    assert upstream.stats.requests == 0
+    assert websocket.status == 200
+    assert websocket.header(b"connection") == [b"close"]
+    asked = {name.lower(): value for name, value in websocket.json()["headers"]}
+    assert (asked["upgrade"], asked["connection"]) == ("websocket", "Upgrade")
+    assert upstream.stats.requests == 1
     h2c = await raw_exchange(
         proxy.port,
         b"GET /echo HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings\r\n"
@@ -277,4 +280,4 @@ async def test_websocket_upgrade_is_a_501_and_h2c_upgrade_is_forwarded_without_i
     assert h2c.status == 200
     names = {name.lower() for name, _ in h2c.json()["headers"]}
     assert not names & {"upgrade", "http2-settings"}
-    assert upstream.stats.requests == 1
+    assert upstream.stats.requests == 2

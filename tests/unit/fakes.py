@@ -81,6 +81,46 @@ class FakeProducer:
         pass
 
 
+class FakeTunnelEnd:
+    """The upstream's side of a tunnel: records what reaches it; the test sends and closes."""
+
+    def __init__(self) -> None:
+        self.producer = FakeProducer()
+        self.written: list[bytes] = []
+        self.peer: Any = None
+        self.paused_by: Any = None
+        self.closed = False
+        self.aborted = False
+
+    @property
+    def gone(self) -> bool:
+        return self.closed or self.aborted
+
+    def join(self, peer: Any) -> None:
+        self.peer = peer
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def pause_with(self, producer: Any) -> None:
+        self.paused_by = producer
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def send(self, data: bytes) -> None:
+        """The upstream sends ``data`` through the tunnel."""
+        self.peer.received(self, data)
+
+    def lose(self, reason: str | None = None) -> None:
+        """The upstream closes (``reason`` L{None}) or is lost."""
+        self.closed = True
+        self.peer.closed(self, reason)
+
+
 class FakeResponse:
     """An upstream response whose body the test sends piece by piece."""
 
@@ -95,6 +135,7 @@ class FakeResponse:
         self.sink: ResponseSink | None = None
         self.aborted = False
         self.with_head = b""
+        self.tunnel: FakeTunnelEnd | None = None
 
     def deliver(self, sink: ResponseSink) -> None:
         self.sink = sink
@@ -189,6 +230,14 @@ class UpstreamCall:
         self.response.with_head = with_head
         self.deferred.callback(self.response)
         return self.response
+
+    def switch(self, headers: Iterable[tuple[bytes, bytes]] = ()) -> FakeTunnelEnd:
+        """The upstream answers ``101 Switching Protocols``; the tunnel end it became."""
+        response = FakeResponse(101, b"Switching Protocols", list(headers), False)
+        response.tunnel = tunnel = FakeTunnelEnd()
+        self.response = response
+        self.deferred.callback(response)
+        return tunnel
 
 
 class FakeUpstream:

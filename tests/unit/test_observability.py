@@ -108,6 +108,7 @@ def test_completion_record_of_a_json_reply_has_every_field() -> None:
         "model": "gpt-test",
         "prompt_tokens": 12,
         "completion_tokens": 34,
+        "tunnel_closed_by": None,
     }
     assert formatEvent(record) == (
         "Request completed: POST /v1/chat/completions [Status: 200] [Time: 0.750s]"

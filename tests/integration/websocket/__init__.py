@@ -1,0 +1,1 @@
+"""WebSocket tunnels end to end: real clients, aiproxy, a WebSocket upstream on loopback."""
