@@ -1,0 +1,146 @@
+"""
+Choosing an upstream and a key for a request, pure, on the injected clock.
+
+Among the upstreams that serve the request's model (every upstream serves a request that
+names none) and are available now (see :mod:`aiproxy.routing.health`), the lowest
+priority wins; within it the pick is weighted random, or, given a sticky string (an
+access key's id), the same pick every time while the same upstreams are available, so
+that a caller keeps one upstream key and its prompt cache. The key of the upstream is
+chosen the same way among its usable keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Collection, Sequence
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+
+from aiproxy.routing.health import KeyHealth, UpstreamHealth
+from aiproxy.routing.upstreams import UpstreamEntry, UpstreamKey
+
+__all__ = ["Choice", "NotServed", "Router", "Unavailable"]
+
+
+@attrs.frozen
+class Choice:
+    """Where one attempt goes: an upstream, and its key (L{None} if it has none)."""
+
+    upstream: UpstreamEntry
+    key: UpstreamKey | None
+
+
+@attrs.frozen
+class Unavailable:
+    """Every upstream that serves the model is cooling, ejected or disabled."""
+
+    retry_after: float
+    """Seconds until the first of them may be tried again."""
+
+
+@attrs.frozen
+class NotServed:
+    """No upstream serves the model."""
+
+    model: str
+
+
+class Router:
+    """
+    The upstreams of the file and their health.
+
+    @param pick: a number in ``[0, 1)`` for each random pick (injected for tests).
+    """
+
+    def __init__(
+        self,
+        upstreams: Sequence[UpstreamEntry],
+        clock: IReactorTime,
+        pick: Callable[[], float] = random.random,
+    ) -> None:
+        self.upstreams = tuple(upstreams)
+        self.clock = clock
+        self.pick = pick
+        self.health = {u.name: UpstreamHealth() for u in self.upstreams}
+        self.keys = {(u.name, k.fingerprint): KeyHealth() for u in self.upstreams for k in u.keys}
+
+    def choose(
+        self, model: str | None, *, sticky: str | None = None, tried: Collection[str] = ()
+    ) -> Choice | Unavailable | NotServed:
+        """Where the next attempt of a request for ``model`` goes, skipping ``tried``."""
+        serving = [u for u in self.upstreams if u.serves(model)]
+        if not serving:
+            assert model is not None
+            return NotServed(model)
+        now = self.clock.seconds()
+        candidates: list[tuple[UpstreamEntry, list[UpstreamKey]]] = []
+        waits: list[float] = []
+        for upstream in serving:
+            if upstream.name in tried:
+                continue
+            wait = self.health[upstream.name].available_in(now)
+            keys = [k for k in upstream.keys if self.keys[upstream.name, k.fingerprint].usable(now)]
+            if upstream.keys and not keys:
+                wait = max(wait, self._key_wait(upstream, now))
+            if wait:
+                waits.append(wait)
+            else:
+                candidates.append((upstream, keys))
+        if not candidates:
+            return Unavailable(min(waits) if waits else 0.0)
+        best = min(upstream.priority for upstream, _ in candidates)
+        group = [(u, keys) for u, keys in candidates if u.priority == best]
+        upstream, keys = _weighted(group, self._number(sticky, ""))
+        self.health[upstream.name].sent(now)
+        key = keys[int(self._number(sticky, upstream.name) * len(keys))] if keys else None
+        return Choice(upstream, key)
+
+    def _key_wait(self, upstream: UpstreamEntry, now: float) -> float:
+        """Seconds until one of ``upstream``'s keys may be used; inf if all are disabled."""
+        waits = [
+            self.keys[upstream.name, k.fingerprint].cooling_until - now
+            for k in upstream.keys
+            if not self.keys[upstream.name, k.fingerprint].disabled
+        ]
+        return max(min(waits), 0.0) if waits else float("inf")
+
+    def _number(self, sticky: str | None, salt: str) -> float:
+        if sticky is None:
+            return self.pick()
+        digest = hashlib.blake2b(f"{salt}\0{sticky}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2**64
+
+    # -- what the attempt met ----------------------------------------------------------
+
+    def succeeded(self, choice: Choice) -> None:
+        """The upstream answered with a status below 500."""
+        self.health[choice.upstream.name].succeeded()
+
+    def failed(self, choice: Choice) -> None:
+        """A connect failure, a timeout before headers, or a ``5xx``."""
+        self.health[choice.upstream.name].failed(self.clock.seconds())
+
+    def rate_limited(self, choice: Choice, wait: float | None) -> None:
+        """The upstream answered ``429``; ``wait`` is the delay it asked for, if any."""
+        if choice.key is not None:
+            self.keys[choice.upstream.name, choice.key.fingerprint].cool(self.clock.seconds(), wait)
+
+    def refused_key(self, choice: Choice) -> None:
+        """The upstream answered ``401`` or ``403``: its key is disabled."""
+        if choice.key is not None:
+            self.keys[choice.upstream.name, choice.key.fingerprint].disable()
+
+
+def _weighted(
+    group: list[tuple[UpstreamEntry, list[UpstreamKey]]], number: float
+) -> tuple[UpstreamEntry, list[UpstreamKey]]:
+    """The member of ``group`` that ``number`` (in ``[0, 1)``) falls on, by weight."""
+    total = sum(upstream.weight for upstream, _ in group)
+    point = number * total
+    for member in group:
+        point -= member[0].weight
+        if point < 0:
+            return member
+    return group[-1]
