@@ -38,9 +38,8 @@ from collections import deque
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import Protocol, cast
 
-import attrs
 from httptools import (
     HttpParserCallbackError,
     HttpParserError,
@@ -87,9 +86,7 @@ from aiproxy.ops.logger import log
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, request_framing
 from aiproxy.rules.headers import choose_request_id
 from aiproxy.server.body import StreamedBody
-
-if TYPE_CHECKING:
-    from aiproxy.config import Config
+from aiproxy.server.limits import CLIENT_IDLE_TIMEOUT, CLOSE_TIMEOUT, LINGER, ClientLimits
 
 __all__ = [
     "BUFFERED_BODY_LIMIT",
@@ -105,19 +102,6 @@ __all__ = [
 
 BUFFERED_BODY_LIMIT = 256 * 1024
 """The largest request body collected in memory and handed over whole; larger ones stream."""
-
-CLIENT_IDLE_TIMEOUT = 75.0
-"""Seconds a connection with nothing in flight may stay silent before it is closed."""
-
-LINGER = 5.0
-"""
-Seconds a refused client may go on sending (what it sends is dropped) before its
-connection is closed, so that a client that sends its whole body before reading gets
-to read the error, instead of a connection reset (RFC 9112 section 9.6).
-"""
-
-CLOSE_TIMEOUT = 15.0
-"""Seconds a closing connection may take to flush what is left; then it is aborted."""
 
 _EARLY = 0.001
 """Seconds a deadline check may run early (float rounding) and still count as due."""
@@ -149,27 +133,6 @@ _CLOSE = b"Connection: close\r\n\r\n"
 _KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
 _CHUNKED_CLOSE = b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
-
-
-@attrs.frozen
-class ClientLimits:
-    """How much a client may send, and how slowly."""
-
-    max_body_size: int
-    """The largest request body, in bytes."""
-    header_timeout: float
-    """Seconds from the first byte of a request head to its end; also the body's grace."""
-    body_min_rate: int
-    """Bytes per second a request body must average after the grace; 0 for no limit."""
-    body_timeout: float = 0.0
-    """Seconds from the end of a request head to the end of its body; 0 for no limit."""
-
-    @classmethod
-    def from_config(cls, config: Config) -> ClientLimits:
-        """The limits ``config`` sets."""
-        return cls(
-            config.max_body_size, config.header_timeout, config.body_min_rate, config.body_timeout
-        )
 
 
 class _Transport(Protocol):

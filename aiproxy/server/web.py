@@ -35,7 +35,7 @@ from aiproxy.ops.logger import log
 from aiproxy.ops.metrics import SharedMetrics
 from aiproxy.rules.headers import field_with_control_bytes
 from aiproxy.rules.target import local_target
-from aiproxy.server.http1 import ClientLimits
+from aiproxy.server.limits import ClientLimits
 from aiproxy.server.web_channel import ProxyChannel
 
 __all__ = [

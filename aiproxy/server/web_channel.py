@@ -26,7 +26,7 @@ from aiproxy.errors import ClientTooSlow, HeadTooLarge, InvalidRequest, ProxyErr
 from aiproxy.ops.logger import log
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, framing_error
 from aiproxy.rules.headers import choose_request_id
-from aiproxy.server.http1 import LINGER, ClientLimits
+from aiproxy.server.limits import LINGER, ClientLimits
 
 __all__ = ["ProxyChannel"]
 

@@ -18,7 +18,8 @@ from twisted.web.server import Site
 from aiproxy.config import Config
 from aiproxy.core.handler import ProxyCore
 from aiproxy.rules.retry import RetryPolicy
-from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.server.http1 import HTTP11Factory
+from aiproxy.server.limits import ClientLimits
 from aiproxy.testing import FakeOpenAI
 from aiproxy.upstream.pool import UpstreamPool
 

@@ -24,7 +24,8 @@ from aiproxy.core.build import build_core
 from aiproxy.run.drain import POLL_INTERVAL, DrainService
 from aiproxy.run.service import PoolService, SequentialMultiService
 from aiproxy.run.tap import build_service
-from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.server.http1 import HTTP11Factory
+from aiproxy.server.limits import ClientLimits
 
 from .fakes import CLIENT_ADDRESS, FakeUpstream, ParsedResponse, parse_response
 from .test_tap import idle_upstream_connection

@@ -31,15 +31,8 @@ from aiproxy.errors import BodyTooLarge, ClientTooSlow, ProxyError, error_body
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES
 from aiproxy.rules.headers import choose_request_id
 from aiproxy.server import http1
-from aiproxy.server.http1 import (
-    BUFFERED_BODY_LIMIT,
-    CLIENT_IDLE_TIMEOUT,
-    CLOSE_TIMEOUT,
-    LINGER,
-    ClientLimits,
-    HTTP11Connection,
-    HTTP11Factory,
-)
+from aiproxy.server.http1 import BUFFERED_BODY_LIMIT, HTTP11Connection, HTTP11Factory
+from aiproxy.server.limits import CLIENT_IDLE_TIMEOUT, CLOSE_TIMEOUT, LINGER, ClientLimits
 
 CLIENT = IPv4Address("TCP", "203.0.113.7", 40000)
 

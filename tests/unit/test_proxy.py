@@ -19,7 +19,8 @@ from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.build import build_core
 from aiproxy.core.handler import ProxyCore
-from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.server.http1 import HTTP11Factory
+from aiproxy.server.limits import ClientLimits
 from aiproxy.server.web import ReverseProxyResource, build_site
 from aiproxy.upstream.errors import BodyIncomplete, ConnectFailed
 

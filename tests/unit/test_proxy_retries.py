@@ -15,7 +15,8 @@ from aiproxy.core.activity import Activity
 from aiproxy.core.handler import ProxyCore
 from aiproxy.rules.retry import RetryPolicy
 from aiproxy.rules.target import parse_target
-from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.server.http1 import HTTP11Factory
+from aiproxy.server.limits import ClientLimits
 from aiproxy.upstream.errors import ConnectFailed, LostBeforeResponse, StaleConnection
 
 from .fakes import ClientConnection, FakeUpstream
