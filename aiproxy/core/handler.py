@@ -15,7 +15,6 @@ from twisted.internet.interfaces import IReactorTime
 from aiproxy._version import __version__
 from aiproxy.config import IPNetwork
 from aiproxy.core.activity import Activity
-from aiproxy.core.admission import is_websocket_upgrade
 from aiproxy.core.endpoints import OWN_METHODS, error_response
 from aiproxy.core.exchange import LocalAnswer, ProxyExchange, _Handled
 from aiproxy.core.interfaces import (
@@ -51,6 +50,7 @@ from aiproxy.rules.headers import choose_request_id, header_values, original_cli
 from aiproxy.rules.redact import loggable
 from aiproxy.rules.retry import RetryPolicy
 from aiproxy.rules.target import Target, has_dot_segments, is_origin_form
+from aiproxy.rules.websocket import is_websocket_upgrade
 
 if TYPE_CHECKING:
     from aiproxy.ops.metrics import ProxyMetrics

@@ -63,7 +63,6 @@ from twisted.python.failure import Failure
 
 from aiproxy._twisted import write_now
 from aiproxy.core.activity import Activity
-from aiproxy.core.admission import is_websocket_upgrade
 from aiproxy.core.handler import PROXY_BY
 from aiproxy.core.interfaces import (
     Exchange,
@@ -85,6 +84,7 @@ from aiproxy.errors import (
 from aiproxy.ops.logger import log
 from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, request_framing
 from aiproxy.rules.headers import choose_request_id
+from aiproxy.rules.websocket import is_websocket_upgrade
 from aiproxy.server.body import StreamedBody
 from aiproxy.server.limits import CLIENT_IDLE_TIMEOUT, CLOSE_TIMEOUT, LINGER, ClientLimits
 

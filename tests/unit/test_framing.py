@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from aiproxy.core.admission import is_websocket_upgrade
 from aiproxy.core.interfaces import RawHeaders
 from aiproxy.rules.framing import (
     MAX_HEAD_SIZE,
@@ -13,6 +12,7 @@ from aiproxy.rules.framing import (
     framing_error,
     request_framing,
 )
+from aiproxy.rules.websocket import is_websocket_upgrade
 
 HOST = [(b"Host", b"proxy.example")]
 
