@@ -65,12 +65,8 @@ from aiproxy._twisted import write_now
 from aiproxy.core.activity import Activity
 from aiproxy.core.handler import PROXY_BY
 from aiproxy.core.interfaces import (
-    Exchange,
-    Incoming,
-    RawHeaders,
     RequestBody,
     RequestHandler,
-    TunnelEnd,
 )
 from aiproxy.core.tunnel import TransportEnd
 from aiproxy.errors import (
@@ -86,6 +82,10 @@ from aiproxy.rules.framing import MAX_HEAD_SIZE, MAX_HEADER_LINES, request_frami
 from aiproxy.rules.headers import choose_request_id
 from aiproxy.rules.websocket import is_websocket_upgrade
 from aiproxy.server.body import StreamedBody
+from aiproxy.server.http1_request import BODY as _BODY
+from aiproxy.server.http1_request import DONE as _DONE
+from aiproxy.server.http1_request import HEAD as _HEAD
+from aiproxy.server.http1_request import HTTP11Request
 from aiproxy.server.limits import CLIENT_IDLE_TIMEOUT, CLOSE_TIMEOUT, LINGER, ClientLimits
 
 __all__ = [
@@ -109,10 +109,6 @@ _EARLY = 0.001
 # What llhttp reports as the version, and what the core is told.
 _VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
-# A request's state, as llhttp has read it.
-_HEAD = 0  # its head is arriving
-_BODY = 1  # its body is arriving
-_DONE = 2  # all of it has arrived (or all that will be read)
 
 # The connection's deadline: which one is being watched (0: none).
 _IDLE_PHASE = 1
@@ -127,12 +123,8 @@ _PIPELINE_PAUSE = 4
 _OWS = b" \t"
 _FIELD = b": ".join
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
-_END = b"\r\n"
 _CLOSE = b"Connection: close\r\n\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
 _CHUNKED = b"Transfer-Encoding: chunked\r\n\r\n"
-_CHUNKED_CLOSE = b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
 
 
 class _Transport(Protocol):
@@ -192,178 +184,6 @@ class HTTP11Factory(Factory):
         return connection
 
 
-class HTTP11Request:
-    """
-    One request on an HTTP/1.1 connection: what was received, and the core's
-    ``ClientSide`` for its response, which frames it for this client.
-
-    After the response has ended (or the client has gone), every call is ignored.
-
-    @ivar method: the request method, as sent.
-    @ivar target: the request target, as sent.
-    @ivar headers: the header fields, in wire order and case (trailing whitespace off).
-    @ivar version: ``b"HTTP/1.1"`` or ``b"HTTP/1.0"``.
-    @ivar state: how much of it has arrived: its head, its body, or all of it.
-    @ivar received: body bytes received so far.
-    @ivar close_after: the connection closes once its response has been sent.
-    @ivar started: handed to the core.
-    @ivar ended: its response has ended, or its client has gone.
-    """
-
-    method = b""
-    target = b""
-    version = b"HTTP/1.1"
-    state = _HEAD
-    length: int | None = None
-    chunked = False
-    received = 0
-    source: StreamedBody | None = None
-    expect_continue = False
-    refusal: ProxyError | None = None
-    """An error the core answers instead of handling it (a body too large, too slow)."""
-    door_error: ProxyError | None = None
-    """An error in its head, answered by the connection itself."""
-    upgrade_pending = False
-    tunnel = False
-    """A WebSocket upgrade: the connection may become a tunnel (:meth:`upgrade`)."""
-    close_after = False
-    linger = False
-    close_now = False
-    started = False
-    ended = False
-    exchange: Exchange | None = None
-    incoming: Incoming | None = None
-    _head_sent = False
-    _held_head = b""
-    _has_body = False
-    _chunked = False
-    _producing = False
-
-    def __init__(self, connection: HTTP11Connection) -> None:
-        self._connection = connection
-        self.url: list[bytes] = []
-        self.headers: RawHeaders = []
-        self.body: list[bytes] | None = []
-
-    # -- ClientSide ----------------------------------------------------------------------
-
-    def send_head(
-        self, status: int, reason: bytes, headers: RawHeaders, length: int | None, body: bool
-    ) -> None:
-        """
-        Write the status line, ``headers`` as given, and the framing: chunked for a
-        body of unknown length to an HTTP/1.1 client (an HTTP/1.0 one reads until the
-        connection closes), and ``Connection: close`` if the connection closes after
-        this response.
-        """
-        if self._head_sent or self.ended:
-            return
-        self._head_sent = True
-        connection = self._connection
-        has_body = body and self.method != b"HEAD"
-        self._has_body = has_body
-        # A body still arriving when the response starts is dropped after it: close.
-        close = (
-            self.close_after
-            or self.state != _DONE
-            or connection._closing
-            or connection.activity.draining
-        )
-        if has_body and length is None:
-            if self.version == b"HTTP/1.1":
-                self._chunked = True
-                end = _CHUNKED_CLOSE if close else _CHUNKED
-            else:
-                close = True
-                end = _CLOSE
-        elif close:
-            end = _CLOSE
-        elif self.version == b"HTTP/1.0":
-            end = _KEEP_ALIVE
-        else:
-            end = _END
-        if close and not self.close_after:
-            self.close_after = True
-            connection._closes_after(self)
-        lines = [b"HTTP/1.1 %d %s" % (status, reason)]
-        lines += map(_FIELD, headers)
-        lines.append(end)
-        # Held until the first body bytes or the end, so that both go in one write.
-        self._held_head = b"\r\n".join(lines)
-
-    def send_body(self, pieces: Sequence[bytes], raw_chunked: bytes | None) -> None:
-        """Write body bytes, chunk-framed for a chunked response (``raw_chunked`` as is)."""
-        if self.ended:
-            return
-        if not self._has_body:
-            self.flush()
-            return
-        if self._chunked:
-            if raw_chunked is not None:
-                data = raw_chunked
-            else:
-                data = b"".join(
-                    [b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces if piece]
-                )
-        else:
-            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        if self._held_head:
-            data = self._held_head + data
-            self._held_head = b""
-        if data:
-            write_now(self._connection._transport, data)
-
-    def flush(self) -> None:
-        """Send the head now if it is still held (no body bytes came with it)."""
-        if self._held_head and not self.ended:
-            head, self._held_head = self._held_head, b""
-            write_now(self._connection._transport, head)
-
-    def finish(self) -> None:
-        """End the response: the last chunk, then the next request (or the close)."""
-        if self.ended:
-            return
-        if not self._head_sent:  # nothing to end: the client must not wait for more
-            self.abort()
-            return
-        data = self._held_head + _LAST_CHUNK if self._chunked else self._held_head
-        self._held_head = b""
-        if data:
-            write_now(self._connection._transport, data)
-        self._connection._response_ended(self)
-
-    def abort(self) -> None:
-        """Abort the connection, so that the response cannot look complete."""
-        if self.ended:
-            return
-        self.ended = True
-        self._held_head = b""
-        self._connection._abort()
-
-    def pause_upstream_with(self, producer: IPushProducer | None) -> None:
-        """Register ``producer`` as the client transport's streaming producer; None: unregister."""
-        if self.ended:
-            return
-        transport = self._connection._transport
-        if self._producing:
-            self._producing = False
-            transport.unregisterProducer()
-        if producer is not None:
-            transport.registerProducer(producer, True)
-            self._producing = True
-
-    @property
-    def tunnels(self) -> bool:
-        """Whether this request may become a tunnel: a WebSocket upgrade over HTTP/1.1."""
-        return self.tunnel and self.version == b"HTTP/1.1" and not self.ended
-
-    def upgrade(self, status: int, reason: bytes, headers: RawHeaders) -> TunnelEnd:
-        """Write the ``101`` head as given; the connection is a tunnel end from now on."""
-        self._head_sent = self.ended = True
-        lines = [b"HTTP/1.1 %d %s" % (status, reason), *map(_FIELD, headers), b"\r\n"]
-        return self._connection._become_tunnel(self, b"\r\n".join(lines))
-
-
 class HTTP11Connection(TwistedProtocol):
     """
     One client's HTTP/1.1 connection: llhttp parses, the limits are checked as bytes
@@ -416,6 +236,11 @@ class HTTP11Connection(TwistedProtocol):
         self._phase_base = 0
         self._body_started = 0.0  # the body phase's start, the time held back added
         self._tunnel: TransportEnd | None = None
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection closes once the requests in flight are answered."""
+        return self._closing
 
     # -- Protocol ------------------------------------------------------------------------
 
@@ -491,7 +316,7 @@ class HTTP11Connection(TwistedProtocol):
     def abort(self) -> None:
         """Drop the connection now; a response in flight ends unfinished."""
         if not self._closed:
-            self._abort()
+            self.abort_now()
 
     # -- BodyReader, for a streamed body ---------------------------------------------------
 
@@ -847,7 +672,7 @@ class HTTP11Connection(TwistedProtocol):
             # A bug in the core: the connection cannot know what the client was told.
             log.failure("Unhandled error handling a request")
             request.ended = True
-            self._abort()
+            self.abort_now()
 
     def _hand_over(self, request: HTTP11Request) -> None:
         handler = self.handler
@@ -877,11 +702,11 @@ class HTTP11Connection(TwistedProtocol):
         if not request.ended:
             request.exchange = exchange
 
-    def _response_ended(self, request: HTTP11Request) -> None:
+    def response_ended(self, request: HTTP11Request) -> None:
         """``request``'s response is complete: on to the next request, or close."""
         request.ended = True
-        if request._producing:
-            request._producing = False
+        if request.producing:
+            request.producing = False
             self._transport.unregisterProducer()
         requests = self._requests
         if requests and requests[0] is request:
@@ -902,7 +727,7 @@ class HTTP11Connection(TwistedProtocol):
             return
         self._advance()
 
-    def _become_tunnel(self, request: HTTP11Request, head: bytes) -> TransportEnd:
+    def become_tunnel(self, request: HTTP11Request, head: bytes) -> TransportEnd:
         """
         Send ``head`` (a ``101``) and hand the connection over: what the client sent
         after its request, and everything it sends from now on, goes to the tunnel end;
@@ -925,7 +750,7 @@ class HTTP11Connection(TwistedProtocol):
         write_now(self._transport, head)
         return tunnel
 
-    def _closes_after(self, request: HTTP11Request) -> None:
+    def closes_after(self, request: HTTP11Request) -> None:
         """``request``'s response says ``Connection: close``: nothing after it is answered."""
         requests = self._requests
         while requests and requests[-1] is not request:
@@ -998,7 +823,8 @@ class HTTP11Connection(TwistedProtocol):
         self._watch(_CLOSING_PHASE, None)
         self._transport.loseConnection()
 
-    def _abort(self) -> None:
+    def abort_now(self) -> None:
+        """Drop the connection at once (a response cannot be completed)."""
         self._closed = True
         self._reading = False
         self._transport.abortConnection()
