@@ -24,19 +24,22 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/aiproxy \
     PATH=/opt/aiproxy/bin:$PATH
 
-# The wheel and its dependencies go into a venv. Twisted's plugin cache
-# (twisted/plugins/dropin.cache) is written now, as root, so that nothing under
-# site-packages has to be written at run time: the image runs as UID 1000 and works with
-# a read-only root filesystem. pip compiles the .pyc files at install time, too.
+# The wheel and its dependencies go into a venv (pip compiles the .pyc files at install
+# time, too), and the unprivileged user the image runs as is made.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv /opt/aiproxy \
     && /opt/aiproxy/bin/pip install /wheels/aiproxy-*.whl \
-    && /opt/aiproxy/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
-    && test -f /opt/aiproxy/lib/python3.11/site-packages/twisted/plugins/dropin.cache \
     && groupadd --gid 1000 aiproxy \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin aiproxy \
     && mkdir /app && chown 1000:1000 /app
+
+# Twisted's plugin cache (twisted/plugins/dropin.cache) is written now, as root, and
+# dated a whole second after the newest plugin file: a layer keeps whole seconds only,
+# and Twisted rewrites a cache no newer than a plugin file at every start. So nothing
+# under site-packages is written at run time: the image runs as UID 1000 and works with
+# a read-only root filesystem.
+RUN /opt/aiproxy/bin/python -m aiproxy.run.plugin_cache
 
 # aiproxy reads an optional .env from its working directory; /app is empty.
 WORKDIR /app

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
 
 import attrs
 from twisted.logger import LogLevel
 
+from aiproxy.rules.redact import redact_text
 from aiproxy.rules.target import Target, TargetError, parse_target
 
 __all__ = [
@@ -192,10 +194,12 @@ def _setting(
     help: str,
     parse: Callable[[str], Any],
     validator: Callable[[Any, attrs.Attribute[Any], Any], None] | None = None,
+    secret: bool = False,
 ) -> Any:
     return attrs.field(
         default=default,
         validator=validator,
+        repr=not secret,
         # Values given directly (Config(request_timeout=120)) get the parsed type too.
         converter=_CONVERTERS.get(parse),
         metadata={"setting": Setting("", env, flag, help, parse, default)},
@@ -252,7 +256,55 @@ def _valid_target(instance: object, attribute: attrs.Attribute[Any], value: str)
     try:
         parse_target(value)
     except TargetError as e:
-        raise ConfigError(f"{_setting_of(attribute).label}: {e}") from None
+        # The message quotes the URL: never with its password.
+        raise ConfigError(f"{_setting_of(attribute).label}: {redact_text(str(e))}") from None
+
+
+_ORIGIN = re.compile(
+    r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9-]+(\.[a-z0-9-]+)*)(:[0-9]{1,5})?/?",
+    re.IGNORECASE,
+)
+"""``scheme://host[:port]``, as a browser sends it in ``Origin`` (a trailing ``/`` is
+tolerated: origins are compared without it)."""
+
+
+def _valid_origins(
+    instance: object, attribute: attrs.Attribute[Any], value: tuple[str, ...]
+) -> None:
+    for origin in value:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"{_setting_of(attribute).label}: {origin!r} is not an origin"
+                " (use * or scheme://host[:port], as a JSON list or comma-separated)"
+            )
+
+
+AUTH_MODES = ("auto", "none")
+"""``AUTH``: ``none`` lets a proxy that holds ``UPSTREAM_API_KEY`` serve anyone."""
+
+UPSTREAM_AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
+"""``UPSTREAM_AUTH_HEADER``: where the upstream key goes (``authorization``: as ``Bearer``)."""
+
+
+def _word_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        """One of the setting's words, in any case."""
+        word = text.strip().lower()
+        if word not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return word
+
+    return parse
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any, Any, Any], None]:
+    def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+        if value not in choices:
+            raise ConfigError(
+                f"{_setting_of(attribute).label}: {value!r} is not one of {', '.join(choices)}"
+            )
+
+    return check
 
 
 @attrs.frozen(kw_only=True)
@@ -325,7 +377,12 @@ class Config:
         True, "ENABLE_CORS", "enable-cors", "Handle CORS preflights and headers", parse_bool
     )
     cors_origins: tuple[str, ...] = _setting(
-        ("*",), "CORS_ORIGINS", "cors-origins", "Allowed CORS origins", parse_list
+        ("*",),
+        "CORS_ORIGINS",
+        "cors-origins",
+        "Allowed CORS origins: * or scheme://host[:port]",
+        parse_list,
+        _valid_origins,
     )
     cors_methods: tuple[str, ...] = _setting(
         ("*",), "CORS_METHODS", "cors-methods", "Allowed CORS methods", parse_list
@@ -461,6 +518,44 @@ class Config:
         "Serve /api/docs, /api/redoc and /api/openapi.json",
         parse_bool,
     )
+    access_keys_file: str = _setting(
+        "",
+        "ACCESS_KEYS_FILE",
+        "access-keys-file",
+        "TOML file of the access keys clients must present (empty: no access keys)",
+        str,
+    )
+    auth: str = _setting(
+        "auto",
+        "AUTH",
+        "auth",
+        "auto, or none to serve clients without keys while holding UPSTREAM_API_KEY",
+        _word_of(AUTH_MODES),
+        _one_of(AUTH_MODES),
+    )
+    upstream_api_key: str = _setting(
+        "",
+        "UPSTREAM_API_KEY",
+        "upstream-api-key",
+        "The upstream's API key, sent instead of the client's credentials",
+        str,
+        secret=True,
+    )
+    upstream_api_key_file: str = _setting(
+        "",
+        "UPSTREAM_API_KEY_FILE",
+        "upstream-api-key-file",
+        "File holding the upstream's API key (instead of UPSTREAM_API_KEY)",
+        str,
+    )
+    upstream_auth_header: str = _setting(
+        "authorization",
+        "UPSTREAM_AUTH_HEADER",
+        "upstream-auth-header",
+        "How the upstream key is sent: authorization (Bearer), x-api-key or api-key",
+        _word_of(UPSTREAM_AUTH_HEADERS),
+        _one_of(UPSTREAM_AUTH_HEADERS),
+    )
     listen: tuple[str, ...] = attrs.field(default=(), converter=_endpoint_strings)
     """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""
 
@@ -495,11 +590,21 @@ def settings() -> Iterator[Setting]:
             yield _setting_of(attribute)
 
 
+def _validate(setting: Setting, value: Any) -> None:
+    """Run the checks of ``setting``'s attribute on ``value`` alone, before it is merged
+    with the others, so that an error can say where the value came from."""
+    field = attrs.fields_dict(Config)[setting.attribute]
+    convert = _CONVERTERS.get(setting.parse)
+    if field.validator is not None:
+        field.validator(None, field, value if convert is None else convert(value))
+
+
 def load_config(
     flags: Mapping[str, str | None],
     environ: Mapping[str, str],
     dotenv: Mapping[str, str | None],
     listen: tuple[str, ...] = (),
+    dotenv_lines: Mapping[str, int] | None = None,
 ) -> Config:
     """
     Merge the sources, first found wins: flag, environment, ``.env``, default.
@@ -508,20 +613,29 @@ def load_config(
     @param environ: the process environment.
     @param dotenv: the values read from a ``.env`` file.
     @param listen: the endpoint strings given with ``--port``.
+    @param dotenv_lines: the line of ``.env`` each of its variables is on.
     @raise ConfigError: a value cannot be parsed or is out of range; the message
-        names the setting.
+        names the setting, and says so when the value came from ``.env``.
     """
     values: dict[str, Any] = {}
     for setting in settings():
+        source = ""
         text = flags.get(setting.attribute)
         if text is None:
             text = environ.get(setting.env)
         if text is None:
             text = dotenv.get(setting.env)
+            line = (dotenv_lines or {}).get(setting.env)
+            source = " (from .env)" if line is None else f" (from .env, line {line})"
         if text is None:
             continue
         try:
-            values[setting.attribute] = setting.parse(text)
+            value = setting.parse(text)
         except ValueError as e:
-            raise ConfigError(f"{setting.label}: {e}") from None
+            raise ConfigError(f"{setting.label}: {e}{source}") from None
+        try:
+            _validate(setting, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e}{source}") from None
+        values[setting.attribute] = value
     return Config(listen=listen, **values)

@@ -11,12 +11,17 @@ import json
 from typing import ClassVar
 
 __all__ = [
+    "AccessRefused",
     "BadRequestTarget",
     "BodyTooLarge",
+    "BodyUncheckable",
     "ClientTooSlow",
+    "ConflictingKeys",
     "HeadTooLarge",
     "InternalError",
     "InvalidRequest",
+    "KeyNotPermitted",
+    "KeyRefused",
     "MethodNotAllowed",
     "OriginNotAllowed",
     "Overloaded",
@@ -24,6 +29,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "WebSocketNotSupported",
+    "api_error_body",
     "error_body",
 ]
 
@@ -135,3 +141,75 @@ def error_body(error: ProxyError, request_id: bytes) -> bytes:
             }
         }
     ).encode()
+
+
+class AccessRefused(ProxyError):
+    """
+    A request refused for its access key, answered in the API's own dialect (see
+    :func:`api_error_body`), with ``x-should-retry: false`` so that SDKs do not retry.
+    The message never quotes the key.
+
+    @ivar code: the machine-readable ``code`` of an OpenAI-shaped body.
+    @ivar reason: why, for metrics and the log (``unknown``, ``expired``, ``model``...).
+    @ivar key_id: the id of the key presented, when it was found in the key file.
+    """
+
+    headers: ClassVar[tuple[tuple[bytes, bytes], ...]] = ((b"x-should-retry", b"false"),)
+
+    def __init__(self, message: str, code: str, reason: str, key_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.key_id = key_id
+
+
+class KeyRefused(AccessRefused):
+    """No access key, or one that is unknown, disabled, expired or not yet valid."""
+
+    status = 401
+    type = "authentication_error"
+    headers = ((b"WWW-Authenticate", b'Bearer realm="aiproxy"'), (b"x-should-retry", b"false"))
+
+
+class KeyNotPermitted(AccessRefused):
+    """A valid access key that may not be used for this path or model."""
+
+    status = 403
+    type = "permission_error"
+
+
+class ConflictingKeys(AccessRefused):
+    """A request that presents two different access keys."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyUncheckable(AccessRefused):
+    """A key limited to some models, and a body too large to read for its model."""
+
+    status = 413
+    type = "request_too_large"
+
+
+def api_error_body(error: AccessRefused, anthropic: bool) -> bytes:
+    """
+    The JSON body of an access refusal: Anthropic's shape
+    (``{"type": "error", "error": {"type", "message"}}``) when ``anthropic``, else
+    OpenAI's (``{"error": {"message", "type", "param", "code"}}``).
+    """
+    if anthropic:
+        document: dict[str, object] = {
+            "type": "error",
+            "error": {"type": error.type, "message": error.message},
+        }
+    else:
+        document = {
+            "error": {
+                "message": error.message,
+                "type": error.type,
+                "param": None,
+                "code": error.code,
+            }
+        }
+    return json.dumps(document).encode()

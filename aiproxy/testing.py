@@ -12,6 +12,7 @@ Endpoints:
   {"include_usage": true}``, as OpenAI does, a last chunk with no choices carries the
   usage (3 prompt tokens, one completion token per event).
 - ``GET /v1/models``: a model list.
+- ``POST /v1/messages``: an Anthropic ``message`` JSON (not streamed).
 - ``GET /sse/COUNT/INTERVAL_MS``: the same event stream as a streamed chat
   completion, ``COUNT`` events ``INTERVAL_MS`` milliseconds apart.
 - ``/echo...`` (any method): what the upstream received, as JSON: method, raw request
@@ -62,6 +63,8 @@ class UpstreamStats:
         away before the answer.
     @ivar bytes_served: body bytes written by ``/bytes/N``.
     @ivar last_echo: what the last ``/echo`` request looked like.
+    @ivar credentials: every ``Authorization``, ``x-api-key`` and ``api-key`` value
+        received, as ``name: value`` with the name in lower case.
     """
 
     requests: int = 0
@@ -71,6 +74,7 @@ class UpstreamStats:
     hangs_aborted: int = 0
     bytes_served: int = 0
     last_echo: dict[str, Any] | None = None
+    credentials: list[bytes] = attrs.Factory(list)
 
 
 def chat_completion(model: str, content: str) -> dict[str, Any]:
@@ -88,6 +92,20 @@ def chat_completion(model: str, content: str) -> dict[str, Any]:
             }
         ],
         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+
+
+def _message(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic ``message`` answering ``body``."""
+    return {
+        "id": "msg_fake",
+        "type": "message",
+        "role": "assistant",
+        "model": body.get("model", "fake-model"),
+        "content": [{"type": "text", "text": "Hello there"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 2},
     }
 
 
@@ -110,9 +128,14 @@ class FakeOpenAI(Resource):
     def render(self, request: Request) -> bytes | int:
         """Dispatch on the path."""
         self.stats.requests += 1
+        for name in (b"authorization", b"x-api-key", b"api-key"):
+            for value in request.requestHeaders.getRawHeaders(name, []):
+                self.stats.credentials.append(name + b": " + value)
         path = local_target(request.path, len(request.prepath or ()))
         if path == b"/v1/chat/completions" and request.method == b"POST":
             return self._chat(request)
+        if path == b"/v1/messages" and request.method == b"POST":
+            return _json(request, _message(json.loads(_body(request).read() or b"{}")))
         if path == b"/v1/models":
             return _json(request, {"object": "list", "data": [{"id": "fake-model"}]})
         if path.startswith(b"/sse/"):

@@ -99,14 +99,21 @@ class Admitted(Protocol):
 class KeyLimits(Protocol):
     """The limits of one access key; L{None} for no limit."""
 
-    rpm: int | None
-    """Requests per minute."""
-    tpm: int | None
-    """Tokens (prompt and completion) per minute."""
-    tpd: int | None
-    """Tokens per day."""
-    concurrent: int | None
-    """Requests in flight at once."""
+    @property
+    def rpm(self) -> int | None:
+        """Requests per minute."""
+
+    @property
+    def tpm(self) -> int | None:
+        """Tokens (prompt and completion) per minute."""
+
+    @property
+    def tpd(self) -> int | None:
+        """Tokens per day."""
+
+    @property
+    def concurrent(self) -> int | None:
+        """Requests in flight at once."""
 
 
 @attrs.frozen

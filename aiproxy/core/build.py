@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 
+from aiproxy.access.policy import access_policy
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.endpoints import health_endpoint, ping_endpoint
@@ -31,6 +32,8 @@ def build_core(
     (unless ``config.enable_docs`` is false), CORS (unless ``config.enable_cors`` is
     false), and the proxy for the rest.
 
+    Access keys and the upstream key come from ``config`` (see
+    :func:`aiproxy.access.policy.access_policy`, whose ``ConfigError`` this raises).
     ``/api/health`` says ``draining`` once ``activity`` does. With ``shared_metrics`` (a
     worker process), ``/api/metrics`` adds in what the other workers published.
     """
@@ -57,6 +60,7 @@ def build_core(
         max_concurrent_requests=config.max_concurrent_requests,
         log_requests=config.twisted_log_level <= LogLevel.info,
         debug=config.twisted_log_level <= LogLevel.debug,
+        access=access_policy(config),
     )
     if config.enable_metrics:
         core.metrics = ProxyMetrics(lambda: core.active_streams, shared=shared_metrics)

@@ -12,10 +12,11 @@ import time
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse, RawHeaders
-from aiproxy.errors import ProxyError, error_body
+from aiproxy.errors import AccessRefused, ProxyError, api_error_body, error_body
 
 __all__ = [
     "OWN_METHODS",
+    "access_refusal_response",
     "error_response",
     "health_document",
     "health_endpoint",
@@ -45,6 +46,13 @@ def error_response(error: ProxyError, request_id: bytes) -> LocalResponse:
     return LocalResponse(error.status, headers, error_body(error, request_id))
 
 
+def access_refusal_response(error: AccessRefused, anthropic: bool) -> LocalResponse:
+    """The response for an access refusal, in Anthropic's dialect when ``anthropic``,
+    else OpenAI's (see :func:`aiproxy.errors.api_error_body`)."""
+    headers: RawHeaders = [*error.headers, (b"Content-Type", JSON)]
+    return LocalResponse(error.status, headers, api_error_body(error, anthropic))
+
+
 def health_document(config: Config, draining: bool = False) -> dict[str, object]:
     """What ``/api/health`` says: the status and the live upstream settings."""
     timeout = config.request_timeout
@@ -53,6 +61,7 @@ def health_document(config: Config, draining: bool = False) -> dict[str, object]
         "target_url": config.target_url,
         "timeout": int(timeout) if timeout.is_integer() else timeout,
         "ssl_verify": config.ssl_verify,
+        "auth": "access_keys" if config.access_keys_file else "none",
     }
 
 

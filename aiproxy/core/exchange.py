@@ -199,6 +199,7 @@ class ProxyExchange(_Handled):
             client_ip=None if request.peer is None else request.peer.encode("ascii"),
             scheme=request.scheme,
             request_id=request.request_id,
+            credentials=core.upstream_credentials,
         )
         if self.upgrading:
             headers += UPGRADE_TO_WEBSOCKET

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 from twisted.internet.interfaces import IReactorTime
 
 from aiproxy._version import __version__
+from aiproxy.access.gate import authorize, speaks_anthropic
 from aiproxy.config import IPNetwork
 from aiproxy.core.activity import Activity
-from aiproxy.core.endpoints import OWN_METHODS, error_response
+from aiproxy.core.endpoints import OWN_METHODS, access_refusal_response, error_response
 from aiproxy.core.exchange import LocalAnswer, ProxyExchange, _Handled
 from aiproxy.core.interfaces import (
     ClientSide,
@@ -30,6 +31,7 @@ from aiproxy.core.interfaces import (
 from aiproxy.core.record import RequestRecord
 from aiproxy.core.sweep import IdleSweep
 from aiproxy.errors import (
+    AccessRefused,
     BadRequestTarget,
     InvalidRequest,
     MethodNotAllowed,
@@ -53,6 +55,7 @@ from aiproxy.rules.target import Target, has_dot_segments, is_origin_form
 from aiproxy.rules.websocket import is_websocket_upgrade
 
 if TYPE_CHECKING:
+    from aiproxy.access.policy import AccessPolicy
     from aiproxy.ops.metrics import ProxyMetrics
 
 __all__ = ["PROXY_BY", "ProxyCore"]
@@ -82,7 +85,12 @@ class ProxyCore:
         are logged at all; false when the log level is above ``INFO``, so that no event
         is built only to be filtered out.
     @param debug: whether ``DEBUG`` lines are logged at all (likewise).
+    @param access: who may use the proxy (access keys), and which credentials go
+        upstream; L{None}: anyone, with their own credentials.
 
+    @ivar access_keys: the access keys clients must present (L{None}: none).
+    @ivar upstream_credentials: sent upstream instead of every client credential
+        (L{None}: the client's own pass through).
     @ivar cancelled: upstream requests cancelled because their client went away.
     @ivar retries: upstream requests sent again.
     @ivar active_streams: event streams being relayed now.
@@ -109,6 +117,7 @@ class ProxyCore:
         max_concurrent_requests: int = 0,
         log_requests: bool = True,
         debug: bool = False,
+        access: AccessPolicy | None = None,
     ) -> None:
         self.target = target
         self.host_header = _host_header(target)
@@ -125,6 +134,8 @@ class ProxyCore:
         self.max_concurrent_requests = max_concurrent_requests
         self.log_requests = log_requests
         self.debug = debug
+        self.access_keys = None if access is None else access.keys
+        self.upstream_credentials = None if access is None else access.credentials
         self.idle_sweep = IdleSweep(clock, stream_idle_timeout)
         self.tunnels = IdleSweep(clock, tunnel_idle_timeout)
         self.proxy_by = PROXY_BY
@@ -196,6 +207,19 @@ class ProxyCore:
                 client,
                 BadRequestTarget("the request target must not have '.' or '..' segments"),
             )
+        keys = self.access_keys
+        if keys is not None:
+            path = target.partition(b"?")[0]
+            entry = authorize(
+                keys.ring,
+                request.headers,
+                path,
+                body if isinstance(body, bytes) else None,
+                self.clock.seconds(),
+            )
+            if isinstance(entry, AccessRefused):
+                return self._refuse_access(request, client, entry, speaks_anthropic(path))
+            request.record.key_id = entry.id
         if is_websocket_upgrade(request.headers):
             refusal = _tunnel_refusal(request, body, client)
             if refusal is not None:
@@ -270,6 +294,17 @@ class ProxyCore:
             )
         else:
             answer.answer_error(error)
+        return answer
+
+    def _refuse_access(
+        self, request: Incoming, client: ClientSide, refusal: AccessRefused, anthropic: bool
+    ) -> Exchange:
+        record = request.record
+        record.key_id = refusal.key_id
+        record.auth_refusal = refusal.reason
+        answer = LocalAnswer(self, request, client)
+        self._started(answer)
+        answer.answer(access_refusal_response(refusal, anthropic))
         return answer
 
     def _preflight(self, request: Incoming) -> LocalResponse:

@@ -35,6 +35,9 @@ class RequestRecord:
         :func:`aiproxy.core.failures.classify`), if there was one.
     @ivar usage_meter: what reads the model and token counts from the response body.
     @ivar usage: the model and token counts read from the response, if any.
+    @ivar key_id: the id of the access key presented, when it was found (never the key).
+    @ivar auth_refusal: why the request was refused for its access key (``missing``,
+        ``unknown``, ``expired``, ``model``...), if it was.
     @ivar tunnel_closed_by: for a WebSocket tunnel, which side ended it (``client``,
         ``upstream`` or ``proxy``).
     """
@@ -54,6 +57,8 @@ class RequestRecord:
     upstream_error: str | None = None
     usage_meter: UsageMeter | None = None
     usage: Usage | None = None
+    key_id: str | None = None
+    auth_refusal: str | None = None
     tunnel_closed_by: str | None = None
 
     def log_fields(self) -> dict[str, Any]:
@@ -76,6 +81,8 @@ class RequestRecord:
             "model": None if usage is None else usage.model,
             "prompt_tokens": None if usage is None else usage.prompt_tokens,
             "completion_tokens": None if usage is None else usage.completion_tokens,
+            "key_id": self.key_id,
+            "auth_refusal": self.auth_refusal,
             "tunnel_closed_by": self.tunnel_closed_by,
         }
 
@@ -90,6 +97,10 @@ class RequestRecord:
             text = "Request completed: "
         text += "{method} {path} [Status: {status}] [Time: {duration:.3f}s] [ID: {request_id}]"
         text += " [Client: {client}]"
+        if self.key_id is not None:
+            text += " [Key: {key_id}]"
+        if self.auth_refusal is not None:
+            text += " [Refused: {auth_refusal}]"
         if self.upstream_status is not None:
             text += " [Upstream: {upstream_status} after {upstream_headers_after:.3f}s]"
         elif self.upstream_error is not None:

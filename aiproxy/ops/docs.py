@@ -2,10 +2,10 @@
 aiproxy's API documentation: Swagger UI at ``/api/docs``, ReDoc at ``/api/redoc`` and
 the OpenAPI document at ``/api/openapi.json``.
 
-Swagger UI (5.x, which renders OpenAPI 3.1) comes from the ``swagger-ui-py`` package and
-is served by aiproxy itself under ``/api/docs/``, so that page works without internet
-access. ReDoc is not packaged for Python without Django: its page loads a pinned
-version from a CDN, checked by its Subresource Integrity hash.
+Both viewers come from the ``openapi-ui-bundles`` package (static files only, no
+dependencies: Swagger UI 5, which renders OpenAPI 3.1, and ReDoc 2) and are served by
+aiproxy itself, under ``/api/docs/`` and ``/api/redoc/``, so the pages work without
+internet access.
 
 The pages use relative URLs only (``openapi.json``, ``docs/swagger-ui.css``), which
 resolve next to the page, so they also work behind a proxy that adds a path prefix.
@@ -26,9 +26,7 @@ from aiproxy.ops.openapi import openapi_document
 from aiproxy.rules.headers import header_values
 
 __all__ = [
-    "REDOC_INTEGRITY",
-    "REDOC_SCRIPT",
-    "REDOC_VERSION",
+    "REDOC_ASSETS",
     "SWAGGER_UI_ASSETS",
     "docs_endpoints",
     "etag_matches",
@@ -36,24 +34,25 @@ __all__ = [
 ]
 
 HTML = b"text/html; charset=utf-8"
+_JS = b"text/javascript; charset=utf-8"
 
 SWAGGER_UI_ASSETS = {
-    "swagger-ui-bundle.js": b"text/javascript; charset=utf-8",
+    "swagger-ui-bundle.js": _JS,
     "swagger-ui.css": b"text/css; charset=utf-8",
     "favicon-32x32.png": b"image/png",
     "favicon-16x16.png": b"image/png",
 }
-"""The files of ``swagger-ui-py``'s ``swagger_ui/static`` that the page uses, and their types."""
+"""The files of ``openapi_ui_bundles/swagger_ui/vendor`` that the page uses, and their
+types; served under ``/api/docs/``."""
+
+REDOC_ASSETS = {"redoc.standalone.js": _JS}
+"""The file of ``openapi_ui_bundles/redoc/vendor`` that the page uses; served under
+``/api/redoc/``."""
 
 ASSET_CACHE_CONTROL = b"public, max-age=86400"
-"""Swagger UI's files change only with the package; pages and the document are revalidated."""
+"""The viewers' files change only with the package; pages and the document are revalidated."""
 
-REDOC_VERSION = "2.5.4"
-REDOC_SCRIPT = f"https://cdn.jsdelivr.net/npm/redoc@{REDOC_VERSION}/bundles/redoc.standalone.js"
-REDOC_INTEGRITY = "sha384-w447zOpYfw/1Tv/5AK9NfHTlQIqE3RVR6KY62jCyy9zNDgO64cMwGGP1Fj0zJVf5"
-"""The ``sha384`` of ``bundles/redoc.standalone.js`` in the npm package ``redoc@2.5.4``."""
-
-SWAGGER_UI_PAGE = b"""<!DOCTYPE html>
+SWAGGER_UI_PAGE = rb"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -65,40 +64,49 @@ SWAGGER_UI_PAGE = b"""<!DOCTYPE html>
 <style>body { margin: 0; }</style>
 </head>
 <body>
-<div id="swagger-ui"></div>
+<div id="swagger-ui"><p>Loading the API docs&hellip;</p></div>
 <script src="docs/swagger-ui-bundle.js"></script>
 <script>
-window.ui = SwaggerUIBundle({
-  url: "openapi.json",
-  dom_id: "#swagger-ui",
-  deepLinking: true,
-  presets: [SwaggerUIBundle.presets.apis],
-  layout: "BaseLayout",
-  validatorUrl: null
+// The document's server is relative (".."); name it by this proxy's own URL, as the
+// browser reached it, so that the server list shows where "Try it out" sends requests.
+fetch("openapi.json").then(function (response) { return response.json(); }).then(function (spec) {
+  var here = new URL("..", document.baseURI).href.replace(/\/$/, "");
+  spec.servers = [{url: here, description: "This aiproxy"}];
+  window.ui = SwaggerUIBundle({
+    spec: spec,
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    presets: [SwaggerUIBundle.presets.apis],
+    layout: "BaseLayout",
+    validatorUrl: null
+  });
+}).catch(function (error) {
+  document.getElementById("swagger-ui").textContent =
+    "The API docs could not be shown: " + error + ". The document is at openapi.json.";
 });
 </script>
 </body>
 </html>
 """
 
-REDOC_PAGE = f"""<!DOCTYPE html>
+REDOC_PAGE = b"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>aiproxy API reference</title>
 <link rel="icon" type="image/png" href="docs/favicon-32x32.png" sizes="32x32">
-<style>body {{ margin: 0; }}</style>
+<style>body { margin: 0; }</style>
 </head>
 <body>
 <redoc spec-url="openapi.json">
-<p>Loading ReDoc {REDOC_VERSION} from cdn.jsdelivr.net&hellip; Without internet access,
-use <a href="docs">Swagger UI</a>.</p>
+<p>Loading ReDoc&hellip; If this stays, use <a href="docs">Swagger UI</a>.</p>
 </redoc>
-<script src="{REDOC_SCRIPT}" integrity="{REDOC_INTEGRITY}" crossorigin="anonymous"></script>
+<script src="redoc/redoc.standalone.js" onerror="this.previousElementSibling.innerHTML =
+'<p>ReDoc could not be loaded. Use <a href=docs>Swagger UI</a> instead.</p>'"></script>
 </body>
 </html>
-""".encode()
+"""
 
 
 def etag_matches(if_none_match: Iterable[bytes], etag: bytes) -> bool:
@@ -139,8 +147,8 @@ def static_endpoint(
 
 def docs_endpoints(config: Config) -> dict[bytes, Endpoint]:
     """
-    ``/api/docs``, ``/api/redoc``, ``/api/openapi.json`` and the Swagger UI files under
-    ``/api/docs/``, by their exact paths.
+    ``/api/docs``, ``/api/redoc``, ``/api/openapi.json``, the Swagger UI files under
+    ``/api/docs/`` and ReDoc's under ``/api/redoc/``, by their exact paths.
 
     The OpenAPI document of ``config`` is built and serialised here, once.
     """
@@ -149,19 +157,23 @@ def docs_endpoints(config: Config) -> dict[bytes, Endpoint]:
         b"/api/docs": static_endpoint(SWAGGER_UI_PAGE, HTML),
         b"/api/redoc": static_endpoint(REDOC_PAGE, HTML),
         b"/api/openapi.json": static_endpoint(spec, b"application/json"),
-        **_swagger_ui_files(),
+        **_packaged_files(b"/api/docs/", "swagger_ui", tuple(SWAGGER_UI_ASSETS.items())),
+        **_packaged_files(b"/api/redoc/", "redoc", tuple(REDOC_ASSETS.items())),
     }
 
 
 @functools.cache
-def _swagger_ui_files() -> dict[bytes, Endpoint]:
-    """The Swagger UI files, read from the package once per process."""
-    static = resources.files("swagger_ui") / "static"
+def _packaged_files(
+    prefix: bytes, viewer: str, assets: tuple[tuple[str, bytes], ...]
+) -> dict[bytes, Endpoint]:
+    """The files ``assets`` (names and types) of ``openapi_ui_bundles/VIEWER/vendor``,
+    at ``prefix`` + name, read from the package once per process."""
+    vendor = resources.files("openapi_ui_bundles") / viewer / "vendor"
     return {
-        b"/api/docs/" + name.encode("ascii"): static_endpoint(
-            _SOURCE_MAP.sub(b"", (static / name).read_bytes()), content_type, ASSET_CACHE_CONTROL
+        prefix + name.encode("ascii"): static_endpoint(
+            _SOURCE_MAP.sub(b"", (vendor / name).read_bytes()), content_type, ASSET_CACHE_CONTROL
         )
-        for name, content_type in SWAGGER_UI_ASSETS.items()
+        for name, content_type in assets
     }
 
 

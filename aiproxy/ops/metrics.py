@@ -4,7 +4,8 @@ Prometheus metrics of the proxy, and the ``/api/metrics`` endpoint that serves t
 Every label value comes from a bounded set: methods outside the standard ones are
 counted as ``OTHER``, statuses are three-digit codes, and model names (chosen by
 clients and upstreams) get a label of their own only for the first
-:data:`MAX_MODELS` seen; later ones are counted under ``other``.
+:data:`MAX_MODELS` seen; later ones are counted under ``other``; so do access key ids
+beyond the first :data:`MAX_KEY_IDS`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from aiproxy.rules.headers import header_values
 
 __all__ = [
     "LATENCY_BUCKETS",
+    "MAX_KEY_IDS",
     "MAX_MODELS",
     "LatencyHistogram",
     "MetricsPublisher",
@@ -52,6 +54,9 @@ LATENCY_BUCKETS = (
 
 MAX_MODELS = 100
 """Distinct model names that get a label value of their own."""
+
+MAX_KEY_IDS = 100
+"""Distinct access key ids that get a label value of their own."""
 
 PUBLISH_INTERVAL = 1.0
 """Seconds between two snapshots a worker publishes for its siblings."""
@@ -115,7 +120,10 @@ class ProxyMetrics:
         self.bytes_in = 0
         self.bytes_out = 0
         self.tokens: dict[tuple[str, str], int] = {}
-        self._models: set[str] = set()
+        self.key_requests: dict[str, int] = {}
+        self.auth_refusals: dict[tuple[int, str, str], int] = {}
+        self._models = _BoundedLabels(MAX_MODELS)
+        self._key_ids = _BoundedLabels(MAX_KEY_IDS)
         self.registry = CollectorRegistry() if registry is None else registry
         self.registry.register(self)
 
@@ -139,9 +147,16 @@ class ProxyMetrics:
         self.client_cancelled += record.cancelled
         self.bytes_in += record.bytes_in
         self.bytes_out += record.bytes_out
+        key_id = record.key_id
+        if key_id is not None:
+            key_id = self._key_ids.label(key_id)
+            self.key_requests[key_id] = self.key_requests.get(key_id, 0) + 1
+        if record.auth_refusal is not None:
+            refusal = (record.status, record.auth_refusal, key_id or "-")
+            self.auth_refusals[refusal] = self.auth_refusals.get(refusal, 0) + 1
         usage = record.usage
         if usage is not None:
-            model = self._model_label(usage.model)
+            model = "unknown" if usage.model is None else self._models.label(usage.model)
             if usage.prompt_tokens:
                 self._add_tokens(model, "prompt", usage.prompt_tokens)
             if usage.completion_tokens:
@@ -149,16 +164,6 @@ class ProxyMetrics:
 
     def _add_tokens(self, model: str, kind: str, count: int) -> None:
         self.tokens[model, kind] = self.tokens.get((model, kind), 0) + count
-
-    def _model_label(self, model: str | None) -> str:
-        if model is None:
-            return "unknown"
-        if model in self._models:
-            return model
-        if len(self._models) < MAX_MODELS:
-            self._models.add(model)
-            return model
-        return "other"
 
     def snapshot(self) -> Snapshot:
         """This process's metrics now, as plain JSON data."""
@@ -171,6 +176,11 @@ class ProxyMetrics:
             "client_cancelled": self.client_cancelled,
             "bytes": {"in": self.bytes_in, "out": self.bytes_out},
             "tokens": {f"{kind} {model}": n for (model, kind), n in self.tokens.items()},
+            "key_requests": dict(self.key_requests),
+            "auth_refusals": {
+                f"{status} {reason} {key_id}": n
+                for (status, reason, key_id), n in self.auth_refusals.items()
+            },
             "active_requests": self.active_requests,
             "active_streams": self.active_streams(),
         }
@@ -230,6 +240,19 @@ class ProxyMetrics:
             ["kind", "model"],
             state["tokens"],
         )
+        yield _counter_family(
+            "aiproxy_key_requests",
+            "Requests that presented a known access key, by key id.",
+            ["key_id"],
+            state.get("key_requests", {}),
+        )
+        yield _counter_family(
+            "aiproxy_auth_refusals",
+            "Requests refused for their access key, by status, reason and key id"
+            " (- when the key is missing or unknown).",
+            ["status", "reason", "key_id"],
+            state.get("auth_refusals", {}),
+        )
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """
@@ -238,6 +261,25 @@ class ProxyMetrics:
         """
         encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
+
+
+class _BoundedLabels:
+    """Label values chosen by others: the first ``limit`` seen are their own, the rest
+    are ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def label(self, value: str) -> str:
+        """``value``'s label: itself, or ``other`` once ``limit`` others have one."""
+        seen = self._seen
+        if value in seen:
+            return value
+        if len(seen) < self.limit:
+            seen.add(value)
+            return value
+        return "other"
 
 
 def _counter_family(

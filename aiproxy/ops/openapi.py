@@ -94,7 +94,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
     paths["/api/redoc"] = _document_path(
         "redoc",
         "ReDoc",
-        "This documentation in ReDoc, which the page loads from `cdn.jsdelivr.net`.",
+        "This documentation in ReDoc; works offline.",
         "text/html",
     )
     paths["/api/openapi.json"] = _document_path(
@@ -247,7 +247,7 @@ def _components(config: Config) -> dict[str, Any]:
         "schemas": {
             "Health": {
                 "type": "object",
-                "required": ["status", "target_url", "timeout", "ssl_verify"],
+                "required": ["status", "target_url", "timeout", "ssl_verify", "auth"],
                 "properties": {
                     "status": {"type": "string", "enum": ["healthy", "draining"]},
                     "target_url": {"type": "string", "description": "`TARGET_URL`."},
@@ -256,6 +256,11 @@ def _components(config: Config) -> dict[str, Any]:
                         "description": "`REQUEST_TIMEOUT`, in seconds.",
                     },
                     "ssl_verify": {"type": "boolean", "description": "`SSL_VERIFY`."},
+                    "auth": {
+                        "type": "string",
+                        "enum": ["access_keys", "none"],
+                        "description": "Whether clients must present an access key.",
+                    },
                 },
             },
             "Ping": {

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -31,12 +30,9 @@ from typing import Any
 
 import attrs
 
+from aiproxy.config import UPSTREAM_AUTH_HEADERS
 from aiproxy.rules.target import Target, TargetError, parse_target
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from aiproxy.rules.toml import tables_of
 
 __all__ = [
     "AUTH_HEADERS",
@@ -47,7 +43,7 @@ __all__ = [
     "parse_upstreams",
 ]
 
-AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
+AUTH_HEADERS = UPSTREAM_AUTH_HEADERS
 """How an upstream takes its key: ``Authorization: Bearer KEY``, or the key alone."""
 
 _FIELDS = frozenset(
@@ -120,14 +116,10 @@ def parse_upstreams(
     @raise UpstreamsFileError: the file is not valid; the message says where.
     """
     try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UpstreamsFileError(f"not valid TOML: {e}") from None
-    unknown = set(document) - {"upstream"}
-    if unknown:
-        raise UpstreamsFileError(f"unknown top-level key {sorted(unknown)[0]!r}")
-    tables = document.get("upstream")
-    if not isinstance(tables, list) or not tables:
+        tables = tables_of(text, "upstream")
+    except ValueError as e:
+        raise UpstreamsFileError(str(e)) from None
+    if not tables:
         raise UpstreamsFileError("no [[upstream]] table")
     env = os.environ if environ is None else environ
     entries = tuple(

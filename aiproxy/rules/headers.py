@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from aiproxy.core.interfaces import RawHeaders
 
 __all__ = [
+    "CLIENT_CREDENTIALS",
     "HOP_BY_HOP",
     "UPGRADE_TO_WEBSOCKET",
     "choose_request_id",
@@ -74,6 +75,14 @@ REPLACED_ON_REQUEST = frozenset(
 )
 
 _NOT_PASSED_ON_REQUEST = HOP_BY_HOP | REPLACED_ON_REQUEST
+
+CLIENT_CREDENTIALS = frozenset(
+    {b"authorization", b"x-api-key", b"api-key", b"x-goog-api-key", b"ocp-apim-subscription-key"}
+)
+"""The headers a client's API credentials come in: none of them is passed on when the
+proxy holds the upstream's credentials (see :func:`upstream_request_headers`)."""
+
+_NOT_PASSED_WITH_CREDENTIALS = _NOT_PASSED_ON_REQUEST | CLIENT_CREDENTIALS
 
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 """Methods whose requests normally carry a body: an empty one still says ``Content-Length: 0``."""
@@ -241,7 +250,12 @@ def choose_request_id(
 
 
 def upstream_request_headers(
-    incoming: RawHeaders, *, client_ip: bytes | None, scheme: bytes, request_id: bytes
+    incoming: RawHeaders,
+    *,
+    client_ip: bytes | None,
+    scheme: bytes,
+    request_id: bytes,
+    credentials: RawHeaders | None = None,
 ) -> RawHeaders:
     """
     The headers to send upstream for a client's request (``Host`` and the body's
@@ -253,14 +267,19 @@ def upstream_request_headers(
     ``X-Forwarded-Proto`` and ``X-Forwarded-Host`` (the first ``Host``) say how the
     client reached the proxy; ``X-Request-ID`` carries the request's ID. The client's
     own values of these are replaced.
+
+    @param credentials: when the proxy holds the upstream's credentials, the fields
+        to send instead of every one of :data:`CLIENT_CREDENTIALS` (the upstream's key,
+        or none); L{None} passes the client's own through.
     """
     outgoing: RawHeaders = []
     chain: list[bytes] = []
     host: bytes | None = None
     connection: list[bytes] = []
+    not_passed = _NOT_PASSED_ON_REQUEST if credentials is None else _NOT_PASSED_WITH_CREDENTIALS
     for field in incoming:
         name = field[0].lower()
-        if name not in _NOT_PASSED_ON_REQUEST:
+        if name not in not_passed:
             outgoing.append(field)
         elif name == b"x-forwarded-for":
             chain.append(field[1])
@@ -270,9 +289,11 @@ def upstream_request_headers(
         elif name == b"connection":
             connection.append(field[1])
     if connection:
-        named = _tokens(connection) - _NOT_PASSED_ON_REQUEST
+        named = _tokens(connection) - not_passed
         if named:
             outgoing = _without(outgoing, named)
+    if credentials:
+        outgoing += credentials
     if client_ip is not None:
         chain.append(client_ip)
     if chain:

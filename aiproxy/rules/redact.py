@@ -62,13 +62,14 @@ _TEXT_USERINFO = re.compile(r"(?<=://)([^/?#@\s'\":]*)(:?)([^/?#\s'\"]*)@")
 # Keys recognisable by their shape, wherever they appear (a path segment, a query value
 # of any name, a request ID): OpenAI, Anthropic and most OpenAI-compatible APIs
 # ("sk-..."), Stripe-style ("sk_live_..."), Google ("AIza..."), GitHub, Slack, AWS access
-# key IDs, Hugging Face, Groq, xAI, Replicate, and JSON web tokens.
+# key IDs, Hugging Face, Groq, xAI, Replicate, aiproxy's own access keys ("aip-..."), and
+# JSON web tokens.
 _KEY_SHAPE = (
     r"(?<![A-Za-z0-9])(?:"
     r"sk-[A-Za-z0-9_-]{16,}|[sr]k_(?:live|test)_[A-Za-z0-9]{16,}|AIza[A-Za-z0-9_-]{30,}"
     r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|xox[abposr]-[A-Za-z0-9-]{10,}"
     r"|(?:AKIA|ASIA)[0-9A-Z]{16}|hf_[A-Za-z0-9]{30,}|gsk_[A-Za-z0-9]{20,}"
-    r"|xai-[A-Za-z0-9]{20,}|r8_[A-Za-z0-9]{30,}"
+    r"|xai-[A-Za-z0-9]{20,}|r8_[A-Za-z0-9]{30,}|aip-[A-Za-z0-9_-]{20,}"
     r"|eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,})"
 )
 _KEY_SHAPES = re.compile(_KEY_SHAPE)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 
-from twisted.internet import fdesc, tcp, unix
+from twisted.internet import endpoints, fdesc, tcp, unix
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.error import AlreadyListened
@@ -28,7 +28,13 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IStrea
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from aiproxy._twisted import port_from_descriptor, ssl_context_factory, unix_port_from_descriptor
+from aiproxy._twisted import (
+    port_from_descriptor,
+    server_address,
+    ssl_context_factory,
+    unix_port_from_descriptor,
+)
+from aiproxy.config import ConfigError
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -36,6 +42,7 @@ __all__ = [
     "OneAcceptUNIXPort",
     "SharedSocketEndpoint",
     "inherited",
+    "server_endpoint",
     "shared_if_inherited",
     "with_backlog",
 ]
@@ -57,6 +64,30 @@ def with_backlog(description: str) -> str:
     if kind not in ("tcp", "tcp6", "ssl", "unix") or "backlog=" in description:
         return description
     return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
+_TCP_KINDS = (
+    endpoints.TCP4ServerEndpoint,
+    endpoints.TCP6ServerEndpoint,
+    endpoints.SSL4ServerEndpoint,
+)
+
+
+def server_endpoint(reactor: object, description: str) -> IStreamServerEndpoint:
+    """
+    The server endpoint of the ``--port`` string ``description``, with
+    :func:`with_backlog`'s backlog.
+
+    @raise ConfigError: ``description`` cannot be parsed, names a file that cannot be
+        read (an ``ssl:`` key or certificate), or a TCP port outside 0-65535.
+    """
+    try:
+        endpoint = endpoints.serverFromString(reactor, with_backlog(description))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
+    if isinstance(endpoint, _TCP_KINDS) and not 0 <= server_address(endpoint).port <= 65535:
+        raise ConfigError(f"--port {description!r}: the port must be from 0 to 65535")
+    return endpoint
 
 
 class _OneAccept:

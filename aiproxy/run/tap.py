@@ -9,35 +9,56 @@ from __future__ import annotations
 
 import gc
 import os
-from collections.abc import Mapping
-from typing import Any
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, NoReturn
 
 import attrs
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
-from twisted.internet import endpoints
+from twisted.copyright import version as twisted_version
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorFromThreads
+from twisted.logger import Logger
 from twisted.python import usage
 
 from aiproxy._twisted import fail_if_cannot_listen, ssl_context_factory
+from aiproxy._version import __version__
+from aiproxy.access.policy import access_policy
+from aiproxy.access.watch import KeyFileWatcher, OnHangup
 from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
 from aiproxy.core.activity import Activity
 from aiproxy.core.build import build_core
 from aiproxy.core.handler import ProxyCore
 from aiproxy.ops.logs import use_aiproxy_logging
 from aiproxy.ops.metrics import MetricsPublisher, SharedMetrics
+from aiproxy.rules.redact import redact_url
 from aiproxy.run.drain import DrainService
-from aiproxy.run.listening import inherited, shared_if_inherited, with_backlog
+from aiproxy.run.listening import inherited, server_endpoint, shared_if_inherited
 from aiproxy.run.service import CoreService, PoolService, SequentialMultiService
-from aiproxy.run.workers import FIRST_FD, INHERITED_PORTS, METRICS_DIR, WorkerSupervisor
+from aiproxy.run.workers import (
+    FIRST_FD,
+    INHERITED_PORTS,
+    METRICS_DIR,
+    WORKER,
+    WorkerSupervisor,
+    tag_worker_lines,
+)
 from aiproxy.server.http1 import ClientLimits, HTTP11Factory
 from aiproxy.server.negotiate import NegotiatingFactory
 from aiproxy.server.web import ReverseProxyResource, build_site
 from aiproxy.upstream.pool import UpstreamPool
 
-__all__ = ["Options", "build_service", "listener_factory", "makeService"]
+__all__ = ["Options", "build_service", "listener_factory", "makeService", "read_dotenv"]
+
+log = Logger(namespace="aiproxy")
+
+USAGE_ERROR = 64
+"""``twist``'s exit status for a command line it cannot parse (``EX_USAGE``)."""
 
 
 class Options(usage.Options):
@@ -66,14 +87,48 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_version(self) -> NoReturn:
+        """Print aiproxy's version and exit."""
+        print(
+            f"aiproxy {__version__} (Twisted {twisted_version}, Python {platform.python_version()})"
+        )
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse ``options``; one that is mistyped or misused ends ``twist`` with the
+        error and a hint to ``--help``, not the whole help."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"aiproxy: {e}\nRun 'twist aiproxy --help' for the options.\n")
+            raise SystemExit(USAGE_ERROR) from None
+
     def postOptions(self) -> None:
         """Merge flags, environment and ``.env`` into a validated :class:`Config`."""
         flags = {s.attribute: self[s.flag] for s in settings()}
-        dotenv = dotenv_values(self._dotenv_path) if os.path.exists(self._dotenv_path) else {}
+        dotenv, lines = read_dotenv(self._dotenv_path)
         try:
-            self["config"] = load_config(flags, self._environ, dotenv, tuple(self["port"]))
+            self["config"] = load_config(
+                flags, self._environ, dotenv, tuple(self["port"]), dotenv_lines=lines
+            )
+            access_policy(self["config"])  # here too for --workers: a bad key file stops us
         except ConfigError as e:
             raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
+
+
+def read_dotenv(path: str) -> tuple[dict[str, str | None], dict[str, int]]:
+    """The variables of the ``.env`` file at ``path`` (none if there is no such file),
+    and the line each is on."""
+    if not os.path.exists(path):
+        return {}, {}
+    lines = {}
+    with open(path, encoding="utf-8") as f:
+        for binding in parse_stream(f):
+            if binding.key is not None:
+                text = binding.original.string
+                blank = text[: len(text) - len(text.lstrip())]  # blank lines parsed with it
+                lines[binding.key] = binding.original.line + blank.count("\n")
+    return dict(dotenv_values(path)), lines
 
 
 def build_service(
@@ -109,14 +164,15 @@ def build_service(
     if shared_metrics is not None and core.metrics is not None:
         MetricsPublisher(core.metrics, shared_metrics, reactor).setServiceParent(top)
     CoreService(core).setServiceParent(top)
+    if core.access_keys is not None:
+        watcher = KeyFileWatcher(core.access_keys, reactor)
+        watcher.setServiceParent(top)
+        OnHangup(watcher.reload, reactor.callFromThread).setServiceParent(top)
     PoolService(upstream).setServiceParent(top)
     drain = DrainService(activity, reactor, config.graceful_timeout)
     drain.setServiceParent(top)
     for index, description in enumerate(config.endpoints):
-        try:
-            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
+        endpoint = server_endpoint(reactor, description)
         tls = ssl_context_factory(endpoint) is not None
         factory = listener_factory(core, config, reactor, tls=tls)
         if inherited_ports:
@@ -153,6 +209,12 @@ def makeService(options: Options) -> IService:
     )
     # Worker processes log as this one does, whatever twist's own options said.
     config = attrs.evolve(config, log_level=log_level_name(level), log_format=log_format)
+    worker = os.environ.get(WORKER)
+    parent = getattr(options, "parent", None)
+    if worker is not None and parent is not None and "fileLogObserverFactory" in parent:
+        parent["fileLogObserverFactory"] = tag_worker_lines(
+            parent["fileLogObserverFactory"], int(worker), log_format
+        )
     try:
         service: IService
         if config.max_workers > 1:
@@ -167,10 +229,45 @@ def makeService(options: Options) -> IService:
             )
     except ConfigError as e:
         raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
+    if os.environ.get(INHERITED_PORTS) != "1":  # a worker: its parent said it
+        log_start(config)
     command_line = _ExitIfCannotListen()
     service.setServiceParent(command_line)
+    if isinstance(service, WorkerSupervisor) and config.access_keys_file:
+        call_from_signal = IReactorFromThreads(reactor).callFromThread
+        OnHangup(partial(_hang_up_workers, service), call_from_signal).setServiceParent(
+            command_line
+        )
     _tune_garbage_collector()  # after building: what was built lives as long as the process
     return command_line
+
+
+def log_start(config: Config) -> None:
+    """Log one line that says what this aiproxy is and how it is set up: its version,
+    the target (never its credentials), the listeners, the workers, and which of
+    metrics, docs, CORS and access keys are on."""
+
+    def on(flag: bool) -> str:
+        return "on" if flag else "off"
+
+    log.info(
+        "aiproxy {version} starting: target {target}, listening on {listeners},"
+        " {workers} worker(s), metrics {metrics}, docs {docs}, CORS {cors}, access keys {keys}",
+        version=__version__,
+        target=redact_url(config.target_url),
+        listeners=", ".join(config.endpoints),
+        workers=config.max_workers,
+        metrics=on(config.enable_metrics),
+        docs=on(config.enable_docs),
+        cors=on(config.enable_cors),
+        keys=on(bool(config.access_keys_file)),
+    )
+
+
+def _hang_up_workers(supervisor: WorkerSupervisor) -> None:
+    """Pass a ``SIGHUP`` on to every worker: each reloads its access keys."""
+    for worker in list(supervisor.workers.values()):
+        worker.signal("HUP")
 
 
 def _tune_garbage_collector() -> None:

@@ -29,7 +29,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import attrs
 from twisted.application.service import Service
@@ -38,15 +38,23 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger
 from twisted.python.failure import Failure
 
 from aiproxy._twisted import server_address
 from aiproxy.config import Config, ConfigError, format_value, settings
 from aiproxy.run.drain import ABORT_GRACE
-from aiproxy.run.listening import with_backlog
+from aiproxy.run.listening import server_endpoint
 
-__all__ = ["LAUNCHER", "ListenSocket", "WorkerSupervisor", "child_environment", "listen_sockets"]
+__all__ = [
+    "LAUNCHER",
+    "WORKER",
+    "ListenSocket",
+    "WorkerSupervisor",
+    "child_environment",
+    "listen_sockets",
+    "tag_worker_lines",
+]
 
 log = Logger(namespace="aiproxy")
 
@@ -69,6 +77,9 @@ for one another (see :class:`aiproxy.ops.metrics.SharedMetrics`)."""
 INHERITED_PORTS = "AIPROXY_INHERITED_PORTS"
 """Set to ``1`` in a worker's environment: its ``--port`` endpoints are open already, as
 file descriptors 3, 4, ... in their order (see :func:`aiproxy.run.listening.inherited`)."""
+
+WORKER = "AIPROXY_WORKER"
+"""In a worker's environment: its number (0, 1, ...), which every line it logs carries."""
 
 FIRST_FD = 3
 """The first inherited socket's descriptor in a worker (as systemd passes them too)."""
@@ -156,10 +167,7 @@ def listen_sockets(descriptions: Sequence[str], reactor: Any) -> tuple[ListenSoc
         )
         if description.split(":", 1)[0].strip().lower() not in ("tcp", "tcp6", "ssl", "unix"):
             raise refused
-        try:
-            endpoint = endpoints.serverFromString(reactor, with_backlog(description))
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"--port {description!r} is not a valid endpoint: {e}") from None
+        endpoint = server_endpoint(reactor, description)
         if not isinstance(endpoint, _SHARED_KINDS):
             raise refused
         address = server_address(endpoint)
@@ -318,7 +326,7 @@ class WorkerSupervisor(Service):
                 worker,
                 sys.executable,
                 self.arguments(),
-                env=self.env,
+                env={**self.env, WORKER: str(slot)},
                 childFDs=child_fds,
             )
         except Exception:
@@ -438,6 +446,33 @@ class WorkerSupervisor(Service):
         for listen, sock in zip(self.listen, self.sockets, strict=False):
             listen.close(sock)
         self.sockets.clear()
+
+
+def tag_worker_lines(
+    observer_factory: Callable[[IO[str]], ILogObserver], worker: int, log_format: str
+) -> Callable[[IO[str]], ILogObserver]:
+    """
+    ``observer_factory`` (``twist``'s log file observer factory) with every line marked
+    as worker ``worker``'s, so that the workers' interleaved lines can be told apart:
+    a ``"worker"`` field in JSON lines, ``[worker N]`` after the logger in text lines.
+    """
+
+    def tagged(out: IO[str]) -> ILogObserver:
+        observer = observer_factory(out)
+        if log_format == "json":
+
+            def observe(event: LogEvent) -> None:
+                observer({**event, "worker": worker})
+
+        else:
+
+            def observe(event: LogEvent) -> None:
+                namespace = event.get("log_namespace", "-")
+                observer({**event, "log_namespace": f"{namespace}[worker {worker}]"})
+
+        return observe  # type: ignore[return-value]
+
+    return tagged
 
 
 def _fields(worker: _Worker) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import pytest_twisted
+from twisted.application.service import MultiService
 from twisted.internet import reactor
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -17,14 +18,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from aiproxy.config import Config
-from aiproxy.core.activity import Activity
-from aiproxy.core.build import build_core
 from aiproxy.core.handler import ProxyCore
-from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.run.service import CoreService, PoolService
+from aiproxy.run.tap import build_service
 from aiproxy.testing import FakeOpenAI, UpstreamStats
 from aiproxy.upstream.pool import UpstreamPool
 
-from .support import LOOPBACK, wait_until, within
+from .support import LOOPBACK, free_port, wait_until, within
 
 
 @attrs.define
@@ -42,25 +42,29 @@ class Upstream:
 
 @attrs.define
 class Proxy:
-    """aiproxy's HTTP/1.1 server, listening, with its core and upstream pool."""
+    """aiproxy's whole service, as ``twist aiproxy`` builds it, started on a loopback port."""
 
     config: Config
-    core: ProxyCore
-    pool: UpstreamPool
-    listening: IListeningPort
-
-    @property
-    def port(self) -> int:
-        return int(self.listening.getHost().port)
+    service: MultiService
+    port: int
 
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
     @property
-    def resource(self) -> ProxyCore:
-        """The core, whose counters (``cancelled``, ``retries``) the tests read."""
-        return self.core
+    def core(self) -> ProxyCore:
+        """The proxy core, whose counters (``cancelled``, ``retries``) the tests read."""
+        (core,) = [s.core for s in self.service if isinstance(s, CoreService)]
+        return core
+
+    resource = core
+
+    @property
+    def pool(self) -> UpstreamPool:
+        """The upstream connection pool."""
+        (pool,) = [s.pool for s in self.service if isinstance(s, PoolService)]
+        return pool
 
 
 def _listen(factory: Factory) -> IListeningPort:
@@ -93,29 +97,36 @@ async def prefixed_upstream() -> AsyncIterator[Upstream]:
     await within(served.port.stopListening(), 5)
 
 
+TCP_ENDPOINT = f"tcp:{{port}}:interface={LOOPBACK}"
+"""The endpoint :func:`start_proxy` listens on unless told otherwise."""
+
+
 @pytest_twisted.async_yield_fixture
 async def start_proxy() -> AsyncIterator[Callable[..., Proxy]]:
     """
-    ``start_proxy(target_url, **settings)``: an aiproxy in front of ``target_url``, built
-    the way ``aiproxy.run.tap.build_service`` builds it, on a free loopback port.
+    ``start_proxy(target_url, endpoint=TCP_ENDPOINT, **settings)``: aiproxy in front of
+    ``target_url``, its service built by ``aiproxy.run.tap.build_service`` from
+    ``Config(**settings)`` and started on ``endpoint`` with a free loopback port for its
+    ``{port}``. After the test it is stopped if it still runs, with no grace for
+    requests still in flight unless the test set ``graceful_timeout``.
     """
     started: list[Proxy] = []
 
-    def start(target_url: str, **settings: Any) -> Proxy:
-        config = Config(target_url=target_url, **settings)
-        pool = UpstreamPool.from_config(reactor, config)
-        activity = Activity()
-        core = build_core(config, pool, reactor, activity)
-        factory = HTTP11Factory(core, reactor, activity, ClientLimits.from_config(config))
-        proxy = Proxy(config, core, pool, _listen(factory))
+    def start(target_url: str, endpoint: str = TCP_ENDPOINT, **settings: Any) -> Proxy:
+        settings.setdefault("graceful_timeout", 0)
+        port = free_port()
+        listen = (endpoint.format(port=port),)
+        config = Config(target_url=target_url, listen=listen, **settings)
+        service = build_service(config, reactor)
+        service.startService()
+        proxy = Proxy(config, service, port)
         started.append(proxy)
         return proxy
 
     yield start
     for proxy in started:
-        await within(proxy.listening.stopListening(), 5)
-        proxy.core.idle_sweep.stop()
-        await within(proxy.pool.close(), 5)
+        if proxy.service.running:
+            await within(proxy.service.stopService(), 10)
 
 
 @pytest_twisted.async_fixture

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 from twisted.internet import reactor
@@ -60,23 +61,38 @@ class TwistProcess:
     output: Path
 
     @classmethod
-    def start(cls, target_url: str, directory: Path, *args: str) -> TwistProcess:
-        """Start ``twist aiproxy`` in front of ``target_url``, logging to a file."""
+    def start(
+        cls, target_url: str, directory: Path, *args: str, env: dict[str, str] | None = None
+    ) -> TwistProcess:
+        """Start ``twist aiproxy`` in front of ``target_url``, logging to a file, with
+        ``env`` added to a clean environment."""
         port = free_port()
+        command = [
+            TWIST,
+            "aiproxy",
+            f"--target={target_url}",
+            f"--port=tcp:{port}:interface={LOOPBACK}",
+            *args,
+        ]
+        environment = clean_environment(PYTHONUNBUFFERED="1", **(env or {}))
+        return cls.spawn(command, port, directory, environment)
+
+    @classmethod
+    def spawn(
+        cls,
+        command: list[str],
+        port: int,
+        directory: Path,
+        env: dict[str, str] | None,
+        **popen: Any,
+    ) -> TwistProcess:
+        """Run ``command``, a ``twist aiproxy`` that listens on ``127.0.0.1:port``, in
+        ``directory`` with the environment ``env`` (this one's if L{None}) and the other
+        ``subprocess.Popen`` arguments ``popen``; its output goes to a log file there."""
         output = directory / f"twist-{port}.log"
         with output.open("wb") as log:
             process = subprocess.Popen(
-                [
-                    TWIST,
-                    "aiproxy",
-                    f"--target={target_url}",
-                    f"--port=tcp:{port}:interface={LOOPBACK}",
-                    *args,
-                ],
-                cwd=directory,
-                env=clean_environment(PYTHONUNBUFFERED="1"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT, **popen
             )
         return cls(process, port, output)
 
@@ -86,7 +102,11 @@ class TwistProcess:
 
     def log(self) -> str:
         """Everything the process wrote so far (its last 4000 characters)."""
-        return self.output.read_text(errors="replace")[-4000:]
+        return self.whole_log()[-4000:]
+
+    def whole_log(self) -> str:
+        """Everything the process wrote so far."""
+        return self.output.read_text(errors="replace")
 
     async def wait_ready(self, timeout: float = 20) -> None:
         """Poll ``/api/ping`` until it answers."""

@@ -7,12 +7,14 @@ What the deployment files rely on, tested without systemd or a container engine:
 - the container image (``Dockerfile``): the wheel installed into a fresh venv, its plugin
   cache generated at install time, ``site-packages`` read-only, run as an unprivileged
   user, starts without plugin-cache warnings, answers ``/api/health``, and the image's
-  ``HEALTHCHECK`` command tells a serving proxy from a missing one.
+  ``HEALTHCHECK`` command tells a serving proxy from a missing one; and the image's
+  plugin cache, in the same layout, stays valid with whole-second file times.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pwd
 import re
@@ -22,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,30 +83,26 @@ async def test_socket_activation_serves_on_the_inherited_socket(
     a request on that socket, and stops cleanly on SIGTERM."""
     sock = _listening_socket()
     port = sock.getsockname()[1]
-    output = tmp_path / "twist.log"
     try:
-        with output.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    LAUNCHER,
-                    str(sock.fileno()),
-                    TWIST,
-                    "aiproxy",
-                    f"--target={upstream.url}",
-                    "--port=systemd:domain=INET:index=0",
-                ],
-                pass_fds=(sock.fileno(),),
-                cwd=tmp_path,
-                env=clean_environment(PYTHONUNBUFFERED="1"),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        twist = TwistProcess.spawn(
+            [
+                sys.executable,
+                "-c",
+                LAUNCHER,
+                str(sock.fileno()),
+                TWIST,
+                "aiproxy",
+                f"--target={upstream.url}",
+                "--port=systemd:domain=INET:index=0",
+            ],
+            port,
+            tmp_path,
+            clean_environment(PYTHONUNBUFFERED="1"),
+            pass_fds=(sock.fileno(),),
+        )
     finally:
         # The child has its own copy; connections now reach only the child.
         sock.close()
-    twist = TwistProcess(process, port, output)
     try:
         await twist.wait_ready()
         before = upstream.stats.requests
@@ -187,13 +186,7 @@ def installed_venv() -> Iterator[InstalledVenv]:
         _run([base, "-m", "venv", str(venv)])
         pip = str(venv / "bin" / "pip")
         _run([pip, "install", "--quiet", "--disable-pip-version-check", str(wheel)])
-        _run(
-            [
-                str(venv / "bin" / "python"),
-                "-c",
-                "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))",
-            ]
-        )
+        _run([str(venv / "bin" / "python"), "-m", "aiproxy.run.plugin_cache"])
         caches = list(venv.glob("lib/python3*/site-packages/twisted/plugins/dropin.cache"))
         assert caches, "the plugin cache was not written"
         _run(["chmod", "-R", "a-w", str(venv)])
@@ -203,6 +196,7 @@ def installed_venv() -> Iterator[InstalledVenv]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.mark.slow
 async def test_installed_wheel_runs_unprivileged_on_read_only_site_packages(
     installed_venv: InstalledVenv, upstream: Upstream
 ) -> None:
@@ -220,16 +214,13 @@ async def test_installed_wheel_runs_unprivileged_on_read_only_site_packages(
         "PORT": str(port),
     }
     command = ["env", "-i", *(f"{k}={v}" for k, v in environment.items())]
-    output = installed_venv.root / "twist.log"
-    with output.open("wb") as log:
-        process = subprocess.Popen(
-            [*command, installed_venv.twist, "aiproxy"],
-            **_unprivileged(),  # type: ignore[call-overload]
-            cwd=installed_venv.root,  # not writable by nobody, like the image's /app
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    twist = TwistProcess(process, port, output)
+    twist = TwistProcess.spawn(
+        [*command, installed_venv.twist, "aiproxy"],
+        port,
+        installed_venv.root,  # not writable by nobody, like the image's /app
+        None,
+        **_unprivileged(),
+    )
     try:
         await twist.wait_ready()
         if os.geteuid() == 0:
@@ -256,3 +247,67 @@ async def test_installed_wheel_runs_unprivileged_on_read_only_site_packages(
         assert failed.returncode == 1, (failed.stdout, failed.stderr)
     finally:
         await twist.stop()
+
+
+# --- The image's plugin cache, in the same layout --------------------------------------
+
+
+def _as_in_an_image_layer(root: Path) -> None:
+    """Cut every file's times under ``root`` to whole seconds, as an image layer (a tar
+    archive) keeps them."""
+    for path in root.rglob("*"):
+        status = path.stat()
+        os.utime(path, (math.floor(status.st_atime), math.floor(status.st_mtime)))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its modification time and size."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_mtime_ns, path.stat().st_size)
+        for path in root.rglob("*")
+    }
+
+
+async def test_image_plugin_cache_is_valid_so_a_start_writes_nothing_under_site_packages(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """
+    The image's layout: a ``site-packages`` with ``twisted/plugins/aiproxy_plugin.py``,
+    installed in the same second as the Dockerfile's plugin-cache step runs, and its
+    ``dropin.cache`` written by that step; then every time cut to whole seconds as in
+    an image layer. ``twist aiproxy`` started on it serves and writes nothing under
+    ``site-packages`` (an invalid cache would be rewritten at every start, and fail
+    with "Unable to write to plugin cache" as the image's unprivileged user).
+    """
+    command = "/opt/aiproxy/bin/python -m aiproxy.run.plugin_cache"
+    assert f"RUN {command}\n" in (REPO / "Dockerfile").read_text()
+    site = tmp_path / "site-packages"
+    plugins = site / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    plugin = plugins / "aiproxy_plugin.py"
+    shutil.copy(REPO / "twisted" / "plugins" / "aiproxy_plugin.py", plugin)
+    # Written late in this second: the cache step below runs within the same second.
+    now = time.time()
+    os.utime(plugin, (now, math.floor(now) + 0.999))
+    python_path = {"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    step = subprocess.run(
+        [sys.executable, *command.split()[1:]],
+        cwd=tmp_path,
+        env=clean_environment(**python_path),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert step.returncode == 0, step.stderr
+    assert (plugins / "dropin.cache").exists()
+    _as_in_an_image_layer(site)
+    before = _snapshot(site)
+
+    twist = TwistProcess.start(upstream.url, tmp_path, env=python_path)
+    try:
+        await twist.wait_ready()
+    finally:
+        await twist.stop()
+    assert _snapshot(site) == before
+    assert "plugin cache" not in twist.whole_log()

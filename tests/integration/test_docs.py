@@ -21,12 +21,13 @@ async def test_swagger_ui_and_everything_it_loads_are_served_by_aiproxy(
     upstream: Upstream, proxy: Proxy
 ) -> None:
     """GET /api/docs answers the Swagger UI page (no redirect); its stylesheet, script,
-    icons and OpenAPI document all load from aiproxy, and the upstream sees nothing."""
+    icons and OpenAPI document all load from aiproxy, and the upstream sees nothing.
+    The same holds for the ReDoc page and its script."""
     page_url = proxy.url + "/api/docs"
     response, page = await request(b"GET", page_url)
     assert response.code == 200
     assert header(response, b"content-type") == b"text/html; charset=utf-8"
-    references = re.findall(rb'(?:(?:src|href)=|url:\s*)"([^"]+)"', page)
+    references = re.findall(rb'(?:(?:src|href)=|fetch\()"([^"]+)"', page)
     urls = [urljoin(page_url, url.decode()) for url in references]
     assert len(urls) == 5
     assert urls[-1] == proxy.url + "/api/openapi.json"
@@ -39,6 +40,11 @@ async def test_swagger_ui_and_everything_it_loads_are_served_by_aiproxy(
     document = json.loads(body)
     validate(document)
     assert upstream.url in document["info"]["description"]
+    response, page = await request(b"GET", proxy.url + "/api/redoc")
+    assert response.code == 200
+    response, body = await request(b"GET", proxy.url + "/api/redoc/redoc.standalone.js")
+    assert response.code == 200
+    assert len(body) > 500_000
     assert upstream.stats.requests == 0
 
 

@@ -8,25 +8,20 @@ from __future__ import annotations
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
 import trustme
-from twisted.application.service import MultiService
 from twisted.internet import reactor, ssl
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.threads import deferToThread
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from aiproxy.config import Config
-from aiproxy.run.tap import build_service
-
-from .conftest import Upstream
+from .conftest import Proxy, Upstream
 from .h2client import connect_h2
 from .processes import TwistProcess
 from .support import (
@@ -35,48 +30,12 @@ from .support import (
     RawClient,
     client_agent,
     connect_raw,
-    free_port,
     parse_response,
     wait_until,
     within,
 )
 
 KEEP_ALIVE_PING = b"GET /api/ping HTTP/1.1\r\nHost: proxy.example\r\n\r\n"
-TCP_ENDPOINT = f"tcp:{{port}}:interface={LOOPBACK}"
-
-
-@attrs.define
-class Served:
-    """aiproxy's whole service, started, listening on a loopback port."""
-
-    service: MultiService
-    port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-
-@pytest_twisted.async_yield_fixture
-async def serve() -> AsyncIterator[Callable[..., Served]]:
-    """``serve(target_url, endpoint=TCP_ENDPOINT, **settings)``: ``build_service``'s
-    service, started on a free loopback port (``endpoint``'s ``{port}``); stopped
-    (drained, pool closed) after the test if it still runs."""
-    started: list[Served] = []
-
-    def serve(target_url: str, endpoint: str = TCP_ENDPOINT, **settings: Any) -> Served:
-        port = free_port()
-        listen = (endpoint.format(port=port),)
-        service = build_service(Config(target_url=target_url, listen=listen, **settings), reactor)
-        service.startService()
-        served = Served(service, port)
-        started.append(served)
-        return served
-
-    yield serve
-    for served in started:
-        if served.service.running:
-            await within(served.service.stopService(), 10)
 
 
 async def start_stream(url: str) -> EventReceiver:
@@ -100,7 +59,7 @@ async def kept_alive(port: int) -> RawClient:
 
 @pytest_twisted.ensureDeferred
 async def test_stopping_lets_a_stream_in_flight_finish_and_refuses_new_connections(
-    upstream: Upstream, serve: Callable[..., Served]
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
 ) -> None:
     """
     Stopping the service while an SSE stream is in flight: new connections are
@@ -109,7 +68,7 @@ async def test_stopping_lets_a_stream_in_flight_finish_and_refuses_new_connectio
     ``draining``, ``Connection: close``), and the stream runs to its ``[DONE]``; the
     stop completes only after that.
     """
-    served = serve(upstream.url, graceful_timeout=10)
+    served = start_proxy(upstream.url, graceful_timeout=10)
     idle = await kept_alive(served.port)
     arriving = await kept_alive(served.port)
     arriving.transport.write(b"GET /api/health HTTP/1.1\r\nHost: proxy.example\r\n")
@@ -140,14 +99,14 @@ async def test_stopping_lets_a_stream_in_flight_finish_and_refuses_new_connectio
 
 @pytest_twisted.ensureDeferred
 async def test_a_stream_outliving_the_graceful_timeout_is_cut_short(
-    upstream: Upstream, serve: Callable[..., Served]
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
 ) -> None:
     """
     A stream still running ``GRACEFUL_TIMEOUT`` after the stop is cut: the client's
     response ends incomplete (no ``[DONE]``, not a clean end) and the upstream sees its
     client go away; the stop completes right after.
     """
-    served = serve(upstream.url, graceful_timeout=0.3)
+    served = start_proxy(upstream.url, graceful_timeout=0.3)
     stream = await start_stream(served.url + "/sse/100/50")
 
     began = reactor.seconds()
@@ -216,7 +175,7 @@ def tls_files(tmp_path: Path) -> TLSFiles:
 
 @pytest_twisted.ensureDeferred
 async def test_http2_idle_connections_get_goaway_busy_ones_finish_their_streams(
-    upstream: Upstream, serve: Callable[..., Served], tls_files: TLSFiles
+    upstream: Upstream, start_proxy: Callable[..., Proxy], tls_files: TLSFiles
 ) -> None:
     """
     Over HTTP/2 (TLS with ALPN): an idle connection is sent ``GOAWAY`` (no error) and
@@ -229,7 +188,7 @@ async def test_http2_idle_connections_get_goaway_busy_ones_finish_their_streams(
         f"ssl:{{port}}:interface={LOOPBACK}"
         f":privateKey={tls_files.key}:certKey={tls_files.certificate}"
     )
-    served = serve(upstream.url, endpoint=endpoint, graceful_timeout=10)
+    served = start_proxy(upstream.url, endpoint=endpoint, graceful_timeout=10)
     idle = await connect_h2(served.port, tls_files.trust_root)
     await within(idle.get(b"/api/ping").ended, 5)
     busy = await connect_h2(served.port, tls_files.trust_root)
@@ -257,7 +216,7 @@ async def test_http2_idle_connections_get_goaway_busy_ones_finish_their_streams(
 
 @pytest_twisted.ensureDeferred
 async def test_http2_streams_outliving_the_graceful_timeout_are_cut_short(
-    upstream: Upstream, serve: Callable[..., Served], tls_files: TLSFiles
+    upstream: Upstream, start_proxy: Callable[..., Proxy], tls_files: TLSFiles
 ) -> None:
     """Over HTTP/2, a stream still running at ``GRACEFUL_TIMEOUT`` is cut with its
     connection: it never ends cleanly, and the upstream sees its client go away."""
@@ -265,7 +224,7 @@ async def test_http2_streams_outliving_the_graceful_timeout_are_cut_short(
         f"ssl:{{port}}:interface={LOOPBACK}"
         f":privateKey={tls_files.key}:certKey={tls_files.certificate}"
     )
-    served = serve(upstream.url, endpoint=endpoint, graceful_timeout=0.3)
+    served = start_proxy(upstream.url, endpoint=endpoint, graceful_timeout=0.3)
     client = await connect_h2(served.port, tls_files.trust_root)
     stream = client.get(b"/sse/100/50")
     await wait_until(lambda: bool(stream.body), 5, "the first event")
@@ -277,3 +236,35 @@ async def test_http2_streams_outliving_the_graceful_timeout_are_cut_short(
     assert b"[DONE]" not in stream.body
     await wait_until(lambda: upstream.stats.streams_aborted == 1, 2, "the upstream sees the abort")
     await within(stopped, 2)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_sigterm_drain_that_times_out_mid_stream_logs_no_traceback(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """
+    ``twist aiproxy`` with ``GRACEFUL_TIMEOUT=2`` sent SIGTERM while a 5-second stream is
+    in flight cuts the stream at the deadline, logs the timed-out drain as such, and
+    exits without a traceback or a ``CRITICAL`` line: a routine shutdown is quiet.
+    """
+    process = TwistProcess.start(
+        upstream.url, tmp_path, "--graceful-timeout=2", env={"LOG_FORMAT": "text"}
+    )
+    try:
+        await process.wait_ready()
+        stream = await start_stream(process.url + "/sse/100/50")
+
+        os.kill(process.process.pid, signal.SIGTERM)
+        await within(stream.finished, 6)
+        await within(deferToThread(process.process.wait, 10), 11)
+    finally:
+        status = await process.stop()
+
+    log = process.whole_log()
+    assert status in (0, -signal.SIGTERM), log
+    assert stream.reason is not None and not stream.reason.check(ResponseDone)
+    assert "Drain timed out after 2.0s: 1 request(s) aborted" in log
+    print(log)
+    assert "Traceback" not in log
+    assert "CRITICAL" not in log

@@ -11,10 +11,6 @@ from collections.abc import Callable
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import maybeDeferred
-
-from aiproxy.config import Config
-from aiproxy.run.tap import build_service
 
 from .conftest import Proxy, Upstream
 from .support import free_port, header, request, wait_until, within
@@ -107,6 +103,7 @@ async def test_health_and_ping_are_answered_without_the_upstream(
         "target_url": upstream.url,
         "timeout": 300,
         "ssl_verify": True,
+        "auth": "none",
     }
     for path in ("/api/ping", "/api/ping?probe=1"):
         response, body = await request(b"GET", proxy.url + path)
@@ -129,21 +126,18 @@ async def test_paths_near_the_health_endpoints_go_to_the_upstream(
 
 
 @pytest_twisted.ensureDeferred
-async def test_build_service_listens_proxies_and_stops(upstream: Upstream) -> None:
+async def test_build_service_listens_proxies_and_stops(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
     """The service ``twist aiproxy`` runs listens on its endpoint, proxies, and when
     stopped closes its listener and its upstream connections."""
-    port = free_port()
-    config = Config(target_url=upstream.url, listen=(f"tcp:{port}:interface=127.0.0.1",))
-    service = build_service(config, reactor)
-    service.startService()
-    try:
-        response, body = await request(b"GET", f"http://127.0.0.1:{port}/api/ping")
-        assert json.loads(body) == {"ping": "pong"}
-        response, body = await request(b"GET", f"http://127.0.0.1:{port}/v1/models")
-        assert response.code == 200
-        assert json.loads(body)["data"] == [{"id": "fake-model"}]
-        assert upstream.stats.requests == 1
-    finally:
-        await within(maybeDeferred(service.stopService), 5)
+    proxy = start_proxy(upstream.url)
+    response, body = await request(b"GET", proxy.url + "/api/ping")
+    assert json.loads(body) == {"ping": "pong"}
+    response, body = await request(b"GET", proxy.url + "/v1/models")
+    assert response.code == 200
+    assert json.loads(body)["data"] == [{"id": "fake-model"}]
+    assert upstream.stats.requests == 1
+    await within(proxy.service.stopService(), 5)
     with pytest.raises(Exception, match="refused"):
-        await request(b"GET", f"http://127.0.0.1:{port}/api/ping", timeout=5)
+        await request(b"GET", proxy.url + "/api/ping", timeout=5)

@@ -7,6 +7,7 @@ import random
 import resource
 from collections.abc import Callable
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
@@ -30,6 +31,7 @@ def allow_file_descriptors(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_thousands_of_streams_with_random_client_aborts_leave_nothing_behind(
     upstream: Upstream, start_proxy: Callable[..., Proxy]

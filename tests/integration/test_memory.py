@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import pytest_twisted
 from twisted.web.client import ResponseDone
 
@@ -27,6 +28,7 @@ UPLOAD = 100_000_000
 MAX_GROWTH_KB = 30 * 1024
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_proxy_memory_stays_flat_for_a_200_mb_download_and_a_100_mb_upload(
     upstream: Upstream, tmp_path: Path

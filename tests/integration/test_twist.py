@@ -21,6 +21,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.web.server import Site
 
+from aiproxy._version import __version__
 from aiproxy.config import settings
 from aiproxy.testing import FakeOpenAI
 
@@ -61,8 +62,26 @@ def _run_expecting_exit(
         (["--log-level=LOUD"], {}, "", "LOG_LEVEL"),
         (["--port=nonsense:1"], {}, "", "--port"),
         (["--listen-port=99999"], {}, "", "PORT"),
+        (["--port=tcp:99999"], {}, "", "tcp:99999"),
+        (["--workers=2", "--port=tcp:99999"], {}, "", "tcp:99999"),
+        (["--port=ssl:0:privateKey=missing.pem"], {}, "", "ssl:0:privateKey=missing.pem"),
+        ([], {"CORS_ORIGINS": "not json"}, "", "CORS_ORIGINS"),
+        (["--cors-origins=https://app.example/path"], {}, "", "CORS_ORIGINS"),
     ],
-    ids=["flag", "target-scheme", "environment", "dotenv", "log-level", "endpoint", "port-range"],
+    ids=[
+        "flag",
+        "target-scheme",
+        "environment",
+        "dotenv",
+        "log-level",
+        "endpoint",
+        "port-range",
+        "endpoint-port-range",
+        "workers-endpoint-port-range",
+        "tls-key-missing",
+        "cors-origin-not-json",
+        "cors-origin-with-path",
+    ],
 )
 def test_bad_configuration_fails_at_start_with_one_line_naming_the_setting(
     args: list[str], env: dict[str, str], dotenv: str, named: str, tmp_path: Path
@@ -73,11 +92,58 @@ def test_bad_configuration_fails_at_start_with_one_line_naming_the_setting(
         (tmp_path / ".env").write_text(dotenv)
     # Should the configuration be accepted after all, listen on loopback only.
     result = _run_expecting_exit(args, tmp_path, {"HOST": LOOPBACK, "PORT": "0", **env})
+    line = _one_line_error(result)
+    assert re.search(rf"(^|\W){re.escape(named)}(\W|$)", line), line
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single line a refused start printed (and nothing else, no traceback)."""
     assert result.returncode != 0
     assert "Traceback" not in result.stderr + result.stdout, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-2000:]
-    assert re.search(rf"(^|\W){re.escape(named)}(\W|$)", lines[0]), lines[0]
+    return lines[0]
+
+
+def test_an_invalid_dotenv_value_names_the_file_and_its_line(tmp_path: Path) -> None:
+    """A bad value read from ``.env`` is reported with the setting, ``.env`` and the line
+    it is on, so the user looks in the right place."""
+    (tmp_path / ".env").write_text("# aiproxy\nHOST=127.0.0.1\n\nMAX_WORKERS=0\n")
+    line = _one_line_error(_run_expecting_exit([], tmp_path))
+    assert "MAX_WORKERS" in line
+    assert "from .env, line 4" in line
+
+
+def test_a_target_url_with_credentials_is_refused_without_showing_the_password(
+    tmp_path: Path,
+) -> None:
+    """``TARGET_URL=https://user:password@host`` stops the start with one line that
+    names ``TARGET_URL`` and says why, and the password appears nowhere in the output."""
+    result = _run_expecting_exit([], tmp_path, {"TARGET_URL": "https://me:hunter2-pw@api.example"})
+    line = _one_line_error(result)
+    assert "TARGET_URL" in line
+    assert "credentials" in line
+    assert "hunter2-pw" not in result.stdout + result.stderr
+
+
+def test_a_mistyped_flag_prints_the_error_and_a_hint_not_the_help(tmp_path: Path) -> None:
+    """``twist aiproxy --graceful-timout=5`` exits with status 64 (usage), prints which
+    option it did not recognise and one line pointing at ``--help``, not the whole help."""
+    result = _run_expecting_exit(["--graceful-timout=5"], tmp_path)
+    assert result.returncode == 64
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, result.stderr
+    assert "--graceful-timout" in lines[0]
+    assert "twist aiproxy --help" in lines[1]
+    assert "--request-timeout" not in result.stdout + result.stderr
+
+
+def test_version_prints_aiproxys_version(tmp_path: Path) -> None:
+    """``twist aiproxy --version`` prints aiproxy's own version (and Twisted's after it)
+    and exits 0."""
+    result = run_twist(["--version"], tmp_path, timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"aiproxy {__version__} (Twisted ")
 
 
 @pytest.mark.parametrize("problem", ["port in use", "address not on this host"])
@@ -97,11 +163,7 @@ def test_a_listener_that_cannot_start_fails_with_one_line(problem: str, tmp_path
         result = _run_expecting_exit(
             ["--target=http://127.0.0.1:9", f"--port={endpoint}"], tmp_path
         )
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-2000:]
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert named in lines[0]
+    assert named in _one_line_error(result)
 
 
 # --- One twist process for the serving tests of this module ------------------------
@@ -147,6 +209,23 @@ async def test_twist_process_proxies_to_the_target(
     assert echo["uri"] == "/echo/via%2Ftwist?q=%20x"
     assert ["X-Forwarded-For", "127.0.0.1"] in echo["headers"]
     assert module_upstream.stats.requests == before + 1
+
+
+def test_start_is_logged_in_one_line_saying_how_aiproxy_is_set_up(
+    module_upstream: Upstream, twist_proxy: TwistProcess
+) -> None:
+    """At start, one INFO line (a JSON line, as the log is not a terminal) names
+    aiproxy's version, the target, every listener, the workers, and which of metrics,
+    docs, CORS and access keys are on."""
+    records = [json.loads(line) for line in twist_proxy.whole_log().splitlines()]
+    (start,) = [r for r in records if r["message"].startswith("aiproxy ")]
+    assert start["level"] == "INFO"
+    assert start["message"] == (
+        f"aiproxy {__version__} starting: target {module_upstream.url},"
+        f" listening on tcp:{twist_proxy.port}:interface={LOOPBACK}, 1 worker(s),"
+        " metrics on, docs on, CORS on, access keys off"
+    )
+    assert (start["version"], start["workers"]) == (__version__, 1)
 
 
 def _sdk(port: int) -> openai.OpenAI:

@@ -12,6 +12,7 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults
@@ -57,6 +58,7 @@ async def _all_succeed(url: str, count: int) -> None:
     assert [response.code for response, _ in results] == [200] * count
 
 
+@pytest.mark.slow
 async def test_two_workers_serve_restart_and_stop(upstream: Upstream, tmp_path: Path) -> None:
     """Two worker processes of the parent serve requests on one port; a worker killed
     with SIGKILL is replaced by a new one while requests keep succeeding; SIGTERM to the
@@ -218,3 +220,40 @@ async def test_workers_serve_a_unix_socket(upstream: Upstream, tmp_path: Path) -
     finally:
         assert await twist.stop(timeout=20) in (0, -signal.SIGTERM), twist.log()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+async def test_each_workers_lines_carry_its_number(
+    log_format: str, upstream: Upstream, tmp_path: Path
+) -> None:
+    """With ``--workers 2``, every line a worker logs says which worker wrote it (a
+    ``worker`` field in JSON, ``[worker N]`` after the logger in text), so their
+    interleaved lines can be told apart; the parent's own lines carry none, and it
+    logs the start line once, for the whole process tree."""
+    twist = TwistProcess.start(
+        upstream.url, tmp_path, "--workers=2", env={"LOG_FORMAT": log_format}
+    )
+    try:
+        await twist.wait_ready(timeout=30)
+
+        def both_started() -> bool:
+            return twist.whole_log().count("Starting reactor") == 3  # the parent's too
+
+        await wait_until(both_started, 20, "both workers started")
+        await _all_succeed(twist.url, 10)
+    finally:
+        assert await twist.stop(timeout=20) in (0, -signal.SIGTERM), twist.log()
+    lines = twist.whole_log().splitlines()
+    starting = [line for line in lines if "Starting reactor" in line]
+    assert len(starting) == 3, lines  # the parent and its two workers
+    assert len([line for line in lines if " starting: target " in line]) == 1, lines
+    if log_format == "json":
+        records = [json.loads(line) for line in starting]
+        assert sorted(str(record.get("worker")) for record in records) == ["0", "1", "None"]
+    else:
+        assert sum("[worker 0] - INFO - Starting reactor" in line for line in starting) == 1
+        assert sum("[worker 1] - INFO - Starting reactor" in line for line in starting) == 1
+        assert sum("[worker" not in line for line in starting) == 1
+    served = [line for line in lines if "Request completed: GET /v1/models" in line]
+    assert len(served) == 10
+    assert all("worker" in line for line in served)

@@ -48,6 +48,11 @@ DOCUMENTED_ENV_VARS = [
     "TRUSTED_PROXIES",
     "ENABLE_METRICS",
     "ENABLE_DOCS",
+    "ACCESS_KEYS_FILE",
+    "AUTH",
+    "UPSTREAM_API_KEY",
+    "UPSTREAM_API_KEY_FILE",
+    "UPSTREAM_AUTH_HEADER",
 ]
 
 
@@ -416,3 +421,61 @@ def test_retry_on_status_rejects_non_statuses(text: str) -> None:
     """A value that is not a list of HTTP statuses is a one-line error naming the setting."""
     with pytest.raises(ConfigError, match="RETRY_ON_STATUS"):
         load_config({}, {"RETRY_ON_STATUS": text}, {})
+
+
+def test_target_url_credentials_are_refused_without_the_password() -> None:
+    """A TARGET_URL with ``user:password@`` is refused, and the message names the
+    problem but never the password."""
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, {"TARGET_URL": "https://me:s3cr3t-pw@api.example"}, {})
+    assert "credentials" in str(caught.value)
+    assert "s3cr3t-pw" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "*",
+        "https://app.example",
+        "http://localhost:3000",
+        '["https://a.example", "https://b.example:8443/"]',
+        "http://[::1]:8080,https://xn--bcher-kva.example",
+    ],
+)
+def test_cors_origins_accept_star_and_scheme_host_port(origins: str) -> None:
+    """``*`` and ``scheme://host[:port]`` origins (IPv6 and punycode hosts, a trailing
+    ``/``) are accepted."""
+    assert load_config({}, {"CORS_ORIGINS": origins}, {}).cors_origins
+
+
+@pytest.mark.parametrize(
+    "origins",
+    ["not json", "app.example", "https://app.example/path", "https://", '["https://a.b", "null"]'],
+)
+def test_cors_origins_that_are_not_origins_stop_the_start(origins: str) -> None:
+    """Anything else in CORS_ORIGINS (a JSON typo read as one origin, a bare host, a
+    path, ``null``) is a ConfigError naming CORS_ORIGINS, not a silently failing
+    preflight."""
+    with pytest.raises(ConfigError, match=r"^CORS_ORIGINS \(--cors-origins\): .* is not an origin"):
+        load_config({}, {"CORS_ORIGINS": origins}, {})
+
+
+@pytest.mark.parametrize(
+    ("dotenv", "says"),
+    [
+        ({"MAX_WORKERS": "abc"}, "is not a whole number (from .env, line 7)"),
+        ({"MAX_WORKERS": "0"}, "must be at least 1, got 0 (from .env, line 7)"),
+    ],
+)
+def test_an_invalid_value_from_dotenv_says_so_with_its_line(
+    dotenv: dict[str, str], says: str
+) -> None:
+    """A value from ``.env`` that cannot be parsed or is out of range is reported with
+    ``.env`` and its line; the same value from the environment is not."""
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, {}, dotenv, dotenv_lines={"MAX_WORKERS": 7})
+    assert str(caught.value).startswith("MAX_WORKERS (--workers): ")
+    assert str(caught.value).endswith(says)
+    with pytest.raises(ConfigError) as caught:
+        load_config({}, dotenv, {})
+    assert ".env" not in str(caught.value)

@@ -35,7 +35,7 @@ from aiproxy.errors import (
     WebSocketNotSupported,
     error_body,
 )
-from aiproxy.ops.docs import REDOC_INTEGRITY, REDOC_VERSION, etag_matches
+from aiproxy.ops.docs import etag_matches
 from aiproxy.ops.openapi import openapi_document
 
 from .fakes import ParsedResponse
@@ -48,7 +48,9 @@ SWAGGER_UI_FILES = {
     b"/api/docs/favicon-32x32.png": b"image/png",
     b"/api/docs/favicon-16x16.png": b"image/png",
 }
-DOCS_PATHS = [*PAGES, b"/api/openapi.json", *SWAGGER_UI_FILES]
+REDOC_FILES = {b"/api/redoc/redoc.standalone.js": b"text/javascript; charset=utf-8"}
+PACKAGED_FILES = {**SWAGGER_UI_FILES, **REDOC_FILES}
+DOCS_PATHS = [*PAGES, b"/api/openapi.json", *PACKAGED_FILES]
 TYPES_BY_EXTENSION = {
     ".js": b"text/javascript; charset=utf-8",
     ".css": b"text/css; charset=utf-8",
@@ -125,7 +127,7 @@ def test_everything_the_swagger_ui_page_references_is_served() -> None:
     """Every file the Swagger UI page loads, and the document it shows, resolve next to
     /api/docs to paths aiproxy itself answers with 200, a body and the right type."""
     page = fetch(b"/api/docs").body
-    initializer = re.search(rb'url:\s*"([^"]+)"', page)
+    initializer = re.search(rb'fetch\("([^"]+)"\)', page)
     assert initializer is not None
     urls = [*references(page), initializer.group(1).decode()]
     resolved = {urlsplit(urljoin("http://proxy.example/api/docs", url)).path for url in urls}
@@ -163,19 +165,29 @@ def test_served_swagger_ui_renders_openapi_3_1() -> None:
     assert int(version.group(1)) >= 5
 
 
-@pytest.mark.parametrize(("path", "content_type"), SWAGGER_UI_FILES.items())
-def test_swagger_ui_files_are_the_packaged_ones_and_cacheable(
-    path: bytes, content_type: bytes
-) -> None:
-    """Each Swagger UI file is served from the swagger-ui-py package, byte for byte but
-    for its trailing source-map comment (the map is not served: a browser's developer
-    tools would ask the upstream for it), with its type, its length and a day of public
-    caching."""
+def test_swagger_ui_page_names_the_server_by_the_proxys_own_url() -> None:
+    """The Swagger UI page shows the document with its server set to the URL the
+    browser reached the proxy at (the page's URL up to ``/api/``), not the document's
+    relative ``..``, so the server list names the proxy itself."""
+    page = fetch(b"/api/docs").body.decode()
+    assert 'new URL("..", document.baseURI)' in page
+    assert "spec.servers = [{url: here" in page
+    assert "spec: spec" in page
+    assert spec()["servers"] == [{"url": "..", "description": "This aiproxy"}]
+
+
+@pytest.mark.parametrize(("path", "content_type"), PACKAGED_FILES.items())
+def test_viewer_files_are_the_packaged_ones_and_cacheable(path: bytes, content_type: bytes) -> None:
+    """Each Swagger UI and ReDoc file is served from the openapi-ui-bundles package,
+    byte for byte but for its trailing source-map comment (the map is not served: a
+    browser's developer tools would ask the upstream for it), with its type, its length
+    and a day of public caching."""
     response = fetch(path)
-    packaged = resources.files("swagger_ui") / "static" / path.rsplit(b"/", 1)[1].decode()
-    original = packaged.read_bytes()
+    viewer = "swagger_ui" if path.startswith(b"/api/docs/") else "redoc"
+    name = path.rsplit(b"/", 1)[1].decode()
+    original = (resources.files("openapi_ui_bundles") / viewer / "vendor" / name).read_bytes()
     assert response.status == 200
-    assert b"sourceMappingURL" not in response.body
+    assert b"sourceMappingURL" not in response.body[-200:]
     assert original.startswith(response.body)
     assert len(response.body) >= len(original) - 100
     assert response.header(b"content-type") == content_type
@@ -184,26 +196,26 @@ def test_swagger_ui_files_are_the_packaged_ones_and_cacheable(
     assert_stamped(response)
 
 
-def test_redoc_page_loads_a_pinned_redoc_with_integrity() -> None:
-    """The ReDoc page loads one exact ReDoc version from the CDN, checked by its sha384
-    integrity hash, and shows the document next to it; its other links are relative."""
+def test_redoc_page_loads_redoc_from_aiproxy_and_points_to_swagger_ui_on_failure() -> None:
+    """The ReDoc page names no other host: it loads ReDoc from aiproxy itself (so it
+    works offline) and shows the document next to it; until ReDoc has drawn the page,
+    and if its script fails to load, the page says so and links to Swagger UI."""
     body = fetch(b"/api/redoc").body
     page = body.decode()
-    script = (
-        f'<script src="https://cdn.jsdelivr.net/npm/redoc@{REDOC_VERSION}'
-        f'/bundles/redoc.standalone.js" integrity="{REDOC_INTEGRITY}"'
-        ' crossorigin="anonymous"></script>'
-    )
-    assert script in page
-    assert re.fullmatch(r"\d+\.\d+\.\d+", REDOC_VERSION)
-    assert REDOC_INTEGRITY.startswith("sha384-")
+    assert "://" not in page
     assert '<redoc spec-url="openapi.json">' in page
-    assert page.count("://") == 1
+    assert '<script src="redoc/redoc.standalone.js" onerror=' in page
+    assert "ReDoc could not be loaded. Use <a href=docs>Swagger UI</a>" in page
+    assert '<a href="docs">Swagger UI</a>' in page
     for url in references(body):
-        if "://" in url:
-            continue
         path = urlsplit(urljoin("http://proxy.example/api/redoc", url)).path
         assert fetch(path.encode()).status == 200, path
+
+
+def test_served_redoc_is_version_2() -> None:
+    """The ReDoc that aiproxy serves is a 2.x release, which renders OpenAPI 3.1."""
+    bundle = fetch(b"/api/redoc/redoc.standalone.js").body
+    assert re.search(rb'" ReDoc Version: ","2\.\d+\.\d+"', bundle)
 
 
 # --- Methods and caching ------------------------------------------------------------
@@ -234,7 +246,7 @@ def test_other_methods_get_the_json_405(path: bytes, method: bytes) -> None:
     assert error_of(response)["type"] == "method_not_allowed"
 
 
-@pytest.mark.parametrize("path", [b"/api/docs", b"/api/openapi.json", *SWAGGER_UI_FILES])
+@pytest.mark.parametrize("path", [b"/api/docs", b"/api/openapi.json", *PACKAGED_FILES])
 @pytest.mark.parametrize("form", ["{tag}", "W/{tag}", '"other", {tag}', "*"])
 def test_a_known_etag_gets_304_without_a_body(path: bytes, form: str) -> None:
     """A GET whose If-None-Match names the current ETag (weak, in a list, or *) gets 304
@@ -284,7 +296,15 @@ def test_etag_matching(if_none_match: list[bytes], matches: bool) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [b"/api/docs/", b"/api/docs/swagger-ui.css.map", b"/api/openapi.yaml", b"/api/redocs"]
+    "path",
+    [
+        b"/api/docs/",
+        b"/api/docs/swagger-ui.css.map",
+        b"/api/openapi.yaml",
+        b"/api/redocs",
+        b"/api/redoc/",
+        b"/api/redoc/redoc.standalone.js.map",
+    ],
 )
 def test_paths_near_the_docs_go_to_the_upstream(path: bytes) -> None:
     """Only the exact docs paths are aiproxy's; /api/docs/ and the like are proxied."""
@@ -294,7 +314,14 @@ def test_paths_near_the_docs_go_to_the_upstream(path: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [b"/api/docs", b"/api/redoc", b"/api/openapi.json", b"/api/docs/swagger-ui.css"]
+    "path",
+    [
+        b"/api/docs",
+        b"/api/redoc",
+        b"/api/openapi.json",
+        b"/api/docs/swagger-ui.css",
+        b"/api/redoc/redoc.standalone.js",
+    ],
 )
 def test_docs_can_be_switched_off(path: bytes) -> None:
     """With ``ENABLE_DOCS=false`` the docs paths are the upstream's, like any other."""

@@ -108,6 +108,8 @@ def test_completion_record_of_a_json_reply_has_every_field() -> None:
         "model": "gpt-test",
         "prompt_tokens": 12,
         "completion_tokens": 34,
+        "key_id": None,
+        "auth_refusal": None,
         "tunnel_closed_by": None,
     }
     assert formatEvent(record) == (

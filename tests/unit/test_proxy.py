@@ -95,7 +95,13 @@ def assert_stamped(response: ParsedResponse) -> None:
     [
         (
             {},
-            {"status": "healthy", "target_url": TARGET_URL, "timeout": 30, "ssl_verify": True},
+            {
+                "status": "healthy",
+                "target_url": TARGET_URL,
+                "timeout": 30,
+                "ssl_verify": True,
+                "auth": "none",
+            },
         ),
         (
             {"target_url": "https://api.example", "request_timeout": 2.5, "ssl_verify": False},
@@ -104,6 +110,7 @@ def assert_stamped(response: ParsedResponse) -> None:
                 "target_url": "https://api.example",
                 "timeout": 2.5,
                 "ssl_verify": False,
+                "auth": "none",
             },
         ),
     ],

@@ -88,7 +88,7 @@ def test_the_file_gives_each_upstream_with_its_keys(tmp_path: Path) -> None:
         ("[[upstream]]\nname = 'a'\nurl = 'https://a'\nkeys = ['']", "keys: must be a list"),
         ("[[upstream]]\nname = 'a'\nurl = 'https://a'\nport = 1", "(a): port: unknown field"),
         ("[[upstream]]\nname = 'a'\nurl = 'https://a'\n" * 2, "'a': name: used by more"),
-        ("x = 1", "unknown top-level key 'x'"),
+        ("x = 1", "unknown top-level name(s) x; use [[upstream]]"),
         ("", "no [[upstream]] table"),
         ("[[upstream]\n", "not valid TOML"),
     ],

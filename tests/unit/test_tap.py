@@ -8,9 +8,10 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 
+from aiproxy._version import __version__
 from aiproxy.config import Config, ConfigError, settings
 from aiproxy.run.service import PoolService
-from aiproxy.run.tap import Options, build_service
+from aiproxy.run.tap import Options, build_service, read_dotenv
 from aiproxy.server.http1 import HTTP11Factory
 from aiproxy.upstream.pool import UpstreamPool
 
@@ -197,3 +198,64 @@ def test_invalid_endpoint_is_a_config_error(endpoint: str) -> None:
     """An unparsable --port value fails as a ConfigError quoting it."""
     with pytest.raises(ConfigError, match="--port"):
         build_service(Config(listen=(endpoint,)), MemoryReactorClock())
+
+
+def test_read_dotenv_gives_each_variables_line(tmp_path: Path) -> None:
+    """``read_dotenv`` returns the values of ``.env`` and the line each is on, blank
+    lines, comments and ``export`` included."""
+    path = tmp_path / ".env"
+    path.write_text('# aiproxy\nHOST=127.0.0.1\n\n\nexport PORT="9000"\n# end\nLOG_LEVEL=debug\n')
+    values, lines = read_dotenv(str(path))
+    assert values == {"HOST": "127.0.0.1", "PORT": "9000", "LOG_LEVEL": "debug"}
+    assert lines == {"HOST": 2, "PORT": 5, "LOG_LEVEL": 7}
+    assert read_dotenv(str(tmp_path / "missing")) == ({}, {})
+
+
+def test_options_name_dotenv_and_the_line_of_a_bad_value(tmp_path: Path) -> None:
+    """Options reading a bad value from ``.env`` exit with one line naming ``.env`` and
+    the line."""
+    (tmp_path / ".env").write_text("HOST=127.0.0.1\nREQUEST_TIMEOUT=soon\n")
+    options = Options(environ={}, dotenv_path=str(tmp_path / ".env"))
+    with pytest.raises(SystemExit) as caught:
+        options.parseOptions([])
+    assert str(caught.value).endswith("'soon' is not a number (from .env, line 2)")
+
+
+def test_a_mistyped_option_exits_with_a_hint_not_the_help(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown option exits with status 64, the error and a one-line hint to
+    ``--help``."""
+    options = Options(environ={}, dotenv_path=str(tmp_path / ".env"))
+    with pytest.raises(SystemExit) as caught:
+        options.parseOptions(["--max-retires=2"])
+    assert caught.value.code == 64
+    assert capsys.readouterr().err == (
+        "aiproxy: option --max-retires not recognized\n"
+        "Run 'twist aiproxy --help' for the options.\n"
+    )
+
+
+def test_version_option_prints_aiproxys_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--version`` prints aiproxy's version, then Twisted's and Python's, and exits 0."""
+    with pytest.raises(SystemExit) as caught:
+        Options(environ={}).parseOptions(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith(f"aiproxy {__version__} (Twisted ")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "says"),
+    [
+        ("tcp:99999", "'tcp:99999': the port must be from 0 to 65535"),
+        ("tcp6:-1", "'tcp6:-1': the port must be from 0 to 65535"),
+        ("ssl:8443:privateKey=/nonexistent/k.pem", "is not a valid endpoint: [Errno 2]"),
+    ],
+)
+def test_an_impossible_endpoint_is_a_config_error(endpoint: str, says: str) -> None:
+    """A ``--port`` with a TCP port outside 0-65535, or a TLS key file that does not
+    exist, is refused when the service is built, with a message naming the endpoint."""
+    config = Config(listen=(endpoint,))
+    with pytest.raises(ConfigError) as caught:
+        build_service(config, MemoryReactorClock())
+    assert says in str(caught.value)

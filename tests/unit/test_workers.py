@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 from typing import Any
 
@@ -9,9 +10,11 @@ import attrs
 import pytest
 from twisted.internet.error import CannotListenError, ProcessDone, ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
 from aiproxy.config import Config, ConfigError, load_config
+from aiproxy.ops.logs import json_log_observer, text_log_observer
 from aiproxy.run.tap import Options, makeService
 from aiproxy.run.workers import (
     BACKOFF_FIRST,
@@ -20,6 +23,7 @@ from aiproxy.run.workers import (
     KILL_GRACE,
     WorkerSupervisor,
     child_environment,
+    tag_worker_lines,
 )
 
 
@@ -92,6 +96,7 @@ def test_starts_n_workers_sharing_the_listening_sockets() -> None:
             assert call["env"]["MAX_WORKERS"] == "1"
             assert call["env"]["AIPROXY_INHERITED_PORTS"] == "1"
             assert call["env"]["PATH"] == "/bin"
+        assert [call["env"]["AIPROXY_WORKER"] for call in spawn.calls] == ["0", "1"]
         sock = supervisor.sockets[0]
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     finally:
@@ -233,3 +238,28 @@ def test_a_unix_socket_is_opened_once_and_its_file_removed_at_stop(tmp_path: Any
     finally:
         supervisor.stopService()
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    ("log_format", "expected"),
+    [
+        ("json", '"logger": "aiproxy", "message": "Request started", "worker": 1}\n'),
+        ("text", " - aiproxy[worker 1] - INFO - Request started\n"),
+    ],
+)
+def test_worker_lines_carry_the_worker_number(log_format: str, expected: str) -> None:
+    """A worker's log lines carry its number: a ``worker`` field in JSON, ``[worker N]``
+    after the logger in text; the event other observers see is left unchanged."""
+    out = io.StringIO()
+    factory = json_log_observer if log_format == "json" else text_log_observer
+    observer = tag_worker_lines(factory, 1, log_format)(out)
+    event = {
+        "log_format": "Request started",
+        "log_level": LogLevel.info,
+        "log_namespace": "aiproxy",
+        "log_time": 0.0,
+    }
+    observer(event)
+    assert out.getvalue().endswith(expected)
+    assert event["log_namespace"] == "aiproxy"
+    assert "worker" not in event

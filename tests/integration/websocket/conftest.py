@@ -15,19 +15,19 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import reactor, threads
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
 from ..conftest import Proxy
-from ..support import LOOPBACK, within
+from ..support import LOOPBACK, wait_until, within
 
 __all__ = ["WebSocketUpstream", "in_thread", "ws_proxy", "ws_upstream", "ws_url"]
 
@@ -153,10 +153,21 @@ def ws_upstream() -> Iterator[WebSocketUpstream]:
     thread.join(5)
 
 
-@pytest_twisted.async_fixture
-async def ws_proxy(ws_upstream: WebSocketUpstream, start_proxy: Callable[..., Proxy]) -> Proxy:
-    """aiproxy in front of the WebSocket server."""
-    return start_proxy(ws_upstream.url)
+@pytest_twisted.async_yield_fixture
+async def ws_proxy(
+    ws_upstream: WebSocketUpstream, start_proxy: Callable[..., Proxy]
+) -> AsyncIterator[Proxy]:
+    """aiproxy in front of the WebSocket server; after the test, its tunnels have closed
+    on both sides (the upstream's thread may take a moment to close its end)."""
+    proxy = start_proxy(ws_upstream.url)
+    yield proxy
+    await wait_until(lambda: proxy.core.active_tunnels == 0, 10, "every tunnel closed")
+    await wait_until(lambda: not _lingering(), 10, "both sides of every tunnel closed")
+
+
+def _lingering() -> list[object]:
+    """The timers that would drop a tunnel side that has not closed yet."""
+    return [call for call in reactor.getDelayedCalls() if "Tunnel._drop" in repr(call)]
 
 
 async def in_thread(work: Callable[[], Any], seconds: float = 20) -> Any:
