@@ -5,9 +5,6 @@ canary test (``tests/unit/test_twisted_corners.py``) that fails if Twisted chang
 None of them is on the HTTP/1.1 hot path: aiproxy's own HTTP/1.1 server and upstream
 client use public Twisted APIs only.
 
-- ``twisted.web._http2.H2Connection``: the HTTP/2 server connection, for ``h2``
-  negotiated by ALPN on ``ssl:`` listeners (the next step replaces it with aiproxy's
-  own, on the ``h2`` library).
 - ``twisted.web.http._GenericHTTPChannelProtocol``: twisted.web's switch between
   HTTP/1.1 and HTTP/2, used by :func:`aiproxy.server.web.build_site` for embedders.
 - ``HTTPChannel._respondToBadRequestAndDisconnect``, overridden by
@@ -33,16 +30,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from twisted.internet import tcp, unix
-from twisted.web._http2 import H2Connection
 from twisted.web.http import _GenericHTTPChannelProtocol as GenericHTTPChannelProtocol
 
 __all__ = [
     "BAD_REQUEST_HOOK",
     "GenericHTTPChannelProtocol",
-    "H2Connection",
     "ServerAddress",
     "fail_if_cannot_listen",
-    "new_h2_connection",
     "port_from_descriptor",
     "server_address",
     "ssl_context_factory",
@@ -73,17 +67,6 @@ def unix_port_from_descriptor(
 def ssl_context_factory(endpoint: object) -> Any:
     """The TLS context factory of an ``ssl:`` server endpoint; L{None} for another kind."""
     return getattr(endpoint, "_sslContextFactory", None)
-
-
-def new_h2_connection(site: Any, reactor: Any) -> Any:
-    """An HTTP/2 server connection serving ``site``, as twisted.web builds one for ALPN."""
-    connection: Any = H2Connection(reactor)
-    connection.requestFactory = site.requestFactory
-    connection.site = site
-    connection.factory = site
-    connection.timeOut = site.timeOut
-    connection.callLater = reactor.callLater
-    return connection
 
 
 class ServerAddress(NamedTuple):

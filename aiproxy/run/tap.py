@@ -49,8 +49,8 @@ from aiproxy.run.workers import (
     tag_worker_lines,
 )
 from aiproxy.server.http1 import ClientLimits, HTTP11Factory
+from aiproxy.server.http2 import HTTP2Factory
 from aiproxy.server.negotiate import NegotiatingFactory
-from aiproxy.server.web import ReverseProxyResource, build_site
 from aiproxy.upstream.pool import UpstreamPool
 
 __all__ = ["Options", "build_service", "listener_factory", "makeService", "read_dotenv"]
@@ -194,9 +194,8 @@ def listener_factory(
     http1 = HTTP11Factory(core, reactor, core.activity, limits, secure=tls)
     if not tls:
         return http1
-    resource = ReverseProxyResource(core, config.proxy_buffer_size)
-    site = build_site(resource, reactor, core.activity, config=config)
-    return NegotiatingFactory(http1, site, core.activity)
+    http2 = HTTP2Factory(core, reactor, core.activity, limits)
+    return NegotiatingFactory(http1, http2, reactor)
 
 
 def makeService(options: Options) -> IService:

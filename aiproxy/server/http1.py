@@ -88,16 +88,7 @@ from aiproxy.server.http1_request import HEAD as _HEAD
 from aiproxy.server.http1_request import HTTP11Request
 from aiproxy.server.limits import CLIENT_IDLE_TIMEOUT, CLOSE_TIMEOUT, LINGER, ClientLimits
 
-__all__ = [
-    "BUFFERED_BODY_LIMIT",
-    "CLIENT_IDLE_TIMEOUT",
-    "CLOSE_TIMEOUT",
-    "LINGER",
-    "ClientLimits",
-    "HTTP11Connection",
-    "HTTP11Factory",
-    "HTTP11Request",
-]
+__all__ = ["BUFFERED_BODY_LIMIT", "HTTP11Connection", "HTTP11Factory"]
 
 
 BUFFERED_BODY_LIMIT = 256 * 1024

@@ -1,21 +1,22 @@
 """
-The door of a TLS listener: HTTP/2 when the client chose ``h2`` by ALPN (served by
-twisted.web's HTTP/2 connection, through :mod:`aiproxy.server.web`, onto the same
-core), aiproxy's own HTTP/1.1 server otherwise.
+The door of a TLS listener: aiproxy's own HTTP/2 server (:mod:`aiproxy.server.http2`)
+when the client chose ``h2`` by ALPN, its HTTP/1.1 server otherwise; both onto the
+same core.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolNegotiationFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocolNegotiationFactory,
+    IReactorTime,
+)
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
-
-from aiproxy._twisted import new_h2_connection
-from aiproxy.core.activity import Activity
-from aiproxy.server.web import ProxySite
 
 __all__ = ["NegotiatingFactory", "NegotiatingProtocol"]
 
@@ -27,13 +28,15 @@ HANDSHAKE_TIMEOUT = 75.0
 class NegotiatingFactory(Factory):
     """
     Builds the protocol of each TLS connection, offering ``h2`` and ``http/1.1`` by
-    ALPN: ``http1`` builds the HTTP/1.1 protocols, ``site`` serves HTTP/2.
+    ALPN: ``http2`` builds the HTTP/2 protocols, ``http1`` the HTTP/1.1 ones.
+
+    @param clock: the time of the handshake deadline.
     """
 
-    def __init__(self, http1: Factory, site: ProxySite, activity: Activity) -> None:
+    def __init__(self, http1: Factory, http2: Factory, clock: IReactorTime) -> None:
         self.http1 = http1
-        self.site = site
-        self.activity = activity
+        self.http2 = http2
+        self.clock = clock
 
     def acceptableProtocols(self) -> list[bytes]:
         """``h2`` first, then ``http/1.1``."""
@@ -57,12 +60,10 @@ class NegotiatingProtocol(Protocol):
         self._addr = addr
         self._chosen: Any = None
         self._timer: IDelayedCall | None = None
-        self._h2_drain: _H2Drain | None = None
 
     def connectionMade(self) -> None:
         """Give the client a while to handshake and start."""
-        clock = self._factory.site.reactor
-        self._timer = clock.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
+        self._timer = self._factory.clock.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -83,15 +84,10 @@ class NegotiatingProtocol(Protocol):
         transport: Any = self.transport
         factory = self._factory
         if getattr(transport, "negotiatedProtocol", None) == b"h2":
-            site = factory.site
-            chosen: Any = new_h2_connection(site, site.reactor)
-            chosen.makeConnection(transport)
-            transport.registerProducer(chosen, True)
-            self._h2_drain = _H2Drain(chosen)
-            factory.activity.opened(self._h2_drain)
+            chosen: Any = factory.http2.buildProtocol(self._addr)
         else:
             chosen = factory.http1.buildProtocol(self._addr)
-            chosen.makeConnection(transport)
+        chosen.makeConnection(transport)
         self._chosen = chosen
         return chosen
 
@@ -100,35 +96,5 @@ class NegotiatingProtocol(Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._h2_drain is not None:
-            self._factory.activity.closed(self._h2_drain)
         if self._chosen is not None:
             self._chosen.connectionLost(reason)
-
-
-class _H2Drain:
-    """An HTTP/2 connection as a graceful drain sees it."""
-
-    def __init__(self, connection: Any) -> None:
-        self.connection = connection
-
-    def close_if_idle(self) -> None:
-        """
-        Close with ``GOAWAY`` if no stream is open. A busy connection is left alone:
-        h2 sends nothing on any stream once it has sent ``GOAWAY``.
-        """
-        connection = self.connection
-        transport = connection.transport
-        if transport is None or transport.disconnecting or connection.streams:
-            return
-        connection.conn.close_connection()
-        transport.write(connection.conn.data_to_send())
-        # A TLS transport waits for its producer to be unregistered before it closes.
-        transport.unregisterProducer()
-        transport.loseConnection()
-
-    def abort(self) -> None:
-        """Drop the connection."""
-        transport = self.connection.transport
-        if transport is not None:
-            transport.abortConnection()

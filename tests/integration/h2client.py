@@ -6,11 +6,14 @@ response recorded as it arrives, and streams reset on demand.
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import h2.events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -65,17 +68,35 @@ class H2Stream:
             self.ended.callback(None)
 
 
+class _ReadsOnAfterGoaway(H2Connection):
+    """
+    h2 as a client that goes on receiving the streams a graceful ``GOAWAY`` (no error)
+    lets finish (RFC 9113 section 6.8), as curl and browsers do: h2 itself closes its
+    state machine on any ``GOAWAY``.
+    """
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Any], list[Any]]:
+        if frame.error_code:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        return [], [event]
+
+
 class H2Client(Protocol):
     """
     An HTTP/2 client connection. :meth:`request` opens a stream; request bodies are
     sent as the peer's flow-control windows allow; received data is acknowledged at
-    once. Records the ``GOAWAY`` error code it is sent in ``goaway``.
+    once. Records the ``GOAWAY`` error code it is sent in ``goaway``, and the last
+    stream that GOAWAY names in ``last_stream_id``.
     """
 
     def __init__(self) -> None:
-        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2 = _ReadsOnAfterGoaway(H2Configuration(client_side=True, header_encoding=None))
         self.streams: dict[int, H2Stream] = {}
         self.goaway: int | None = None
+        self.last_stream_id: int | None = None
         self.closed: Deferred[None] = Deferred()
         self._unsent: dict[int, memoryview] = {}
 
@@ -143,6 +164,7 @@ class H2Client(Protocol):
                 self._send_bodies()
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.goaway = event.error_code
+                self.last_stream_id = event.last_stream_id
         self._flush()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:

@@ -131,6 +131,29 @@ async def test_http2_request_body_reaches_upstream_intact(
     assert upstream.stats.last_echo == seen
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "no-length"])
+@pytest_twisted.ensureDeferred
+async def test_http2_large_body_streams_to_the_upstream_intact(
+    upstream: Upstream, h2_proxy: H2Proxy, declared: bool
+) -> None:
+    """A 5 MiB ``POST`` body (with its length, or without) streams to the upstream as
+    the proxy reopens the stream's window, and arrives byte for byte."""
+    size = 5 * 1024 * 1024
+    body = pattern_bytes(size)
+    extra = [(b"content-length", b"%d" % size)] if declared else []
+    client = await connect_h2(h2_proxy.port, h2_proxy.trust_root)
+    try:
+        stream = client.request(b"POST", b"/sink", *extra, body=body)
+        await within(stream.ended, 20)
+    finally:
+        await close_client(client)
+    assert stream.complete and stream.status == 200
+    assert json.loads(stream.body) == {
+        "received": size,
+        "sha256": hashlib.sha256(body).hexdigest(),
+    }
+
+
 @pytest_twisted.ensureDeferred
 async def test_http2_sse_events_arrive_as_emitted(upstream: Upstream, h2_proxy: H2Proxy) -> None:
     """Over HTTP/2, each SSE event of ``/sse/20/50`` reaches the client as it is

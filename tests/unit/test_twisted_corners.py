@@ -19,19 +19,6 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.web import http
 
 from aiproxy import _twisted
-from aiproxy.server.web import ProxySite, ReverseProxyResource
-
-
-def test_http2_connection_takes_a_reactor_and_serves_a_site() -> None:
-    """H2Connection(reactor) gets the attributes twisted.web's own ALPN switch sets."""
-    reactor = MemoryReactorClock()
-    resource = ReverseProxyResource.__new__(ReverseProxyResource)
-    site = ProxySite(resource, None, None)  # type: ignore[arg-type]
-    connection = _twisted.new_h2_connection(site, reactor)
-    assert isinstance(connection, _twisted.H2Connection)
-    assert connection.site is site
-    assert connection.requestFactory is site.requestFactory
-    assert {"streams", "conn"} <= set(vars(connection))
 
 
 def test_generic_channel_protocol_wraps_a_channel() -> None:
