@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.logger import LogLevel
@@ -286,6 +287,30 @@ UPSTREAM_AUTH_HEADERS = ("authorization", "x-api-key", "api-key")
 """``UPSTREAM_AUTH_HEADER``: where the upstream key goes (``authorization``: as ``Bearer``)."""
 
 
+REDIS_ERROR_POLICIES = ("open", "closed")
+"""``RATE_LIMIT_ON_REDIS_ERROR``: admit or refuse while Redis does not answer."""
+
+
+def _valid_redis_url(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if not value:
+        return
+    parts = urlsplit(value)
+    database = parts.path.strip("/")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        database = "x"
+    if (
+        parts.scheme not in ("redis", "rediss")
+        or not parts.hostname
+        or (not database.isdigit() and database)
+    ):
+        raise ConfigError(
+            f"{_setting_of(attribute).label}: {redact_text(value)!r} is not"
+            " redis://host[:port][/db] (or rediss:// for TLS)"
+        )
+
+
 def _word_of(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         """One of the setting's words, in any case."""
@@ -555,6 +580,32 @@ class Config:
         "How the upstream key is sent: authorization (Bearer), x-api-key or api-key",
         _word_of(UPSTREAM_AUTH_HEADERS),
         _one_of(UPSTREAM_AUTH_HEADERS),
+    )
+    default_max_tokens: int = _setting(
+        4096,
+        "DEFAULT_MAX_TOKENS",
+        "default-max-tokens",
+        "Completion tokens a request that names no max_tokens reserves under a token limit",
+        parse_int,
+        _at_least(1),
+    )
+    redis_url: str = _setting(
+        "",
+        "REDIS_URL",
+        "redis-url",
+        "Redis (redis://host:port/db) holding the per-key limits for every process; empty: "
+        "each process keeps its own",
+        str,
+        _valid_redis_url,
+        secret=True,
+    )
+    rate_limit_on_redis_error: str = _setting(
+        "open",
+        "RATE_LIMIT_ON_REDIS_ERROR",
+        "rate-limit-on-redis-error",
+        "When Redis does not answer: open (admit, with a warning) or closed (refuse, 503)",
+        _word_of(REDIS_ERROR_POLICIES),
+        _one_of(REDIS_ERROR_POLICIES),
     )
     listen: tuple[str, ...] = attrs.field(default=(), converter=_endpoint_strings)
     """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""

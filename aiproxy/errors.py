@@ -26,6 +26,7 @@ __all__ = [
     "OriginNotAllowed",
     "Overloaded",
     "ProxyError",
+    "RateLimiterUnavailable",
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "WebSocketNotSupported",
@@ -102,7 +103,7 @@ class HeadTooLarge(ProxyError):
 
 
 class WebSocketNotSupported(ProxyError):
-    """The client asked to upgrade to WebSocket, which aiproxy does not tunnel yet."""
+    """The client asked to upgrade to WebSocket through a door that cannot tunnel."""
 
     status = 501
     type = "websocket_not_supported"
@@ -113,6 +114,15 @@ class Overloaded(ProxyError):
 
     status = 503
     type = "overloaded"
+    headers = ((b"Retry-After", b"1"),)
+
+
+class RateLimiterUnavailable(ProxyError):
+    """The per-key limits cannot be checked (Redis does not answer) and the policy is
+    ``RATE_LIMIT_ON_REDIS_ERROR=closed``."""
+
+    status = 503
+    type = "rate_limiter_unavailable"
     headers = ((b"Retry-After", b"1"),)
 
 

@@ -25,6 +25,7 @@ from aiproxy.errors import (
     KeyNotPermitted,
     KeyRefused,
 )
+from aiproxy.rules.websocket import take_subprotocol_key
 
 __all__ = ["ANTHROPIC_PATH", "authorize", "presented_keys", "speaks_anthropic"]
 
@@ -45,8 +46,14 @@ def speaks_anthropic(path: bytes) -> bool:
 
 
 def presented_keys(headers: RawHeaders) -> set[bytes]:
-    """The distinct keys ``headers`` present (a non-``Bearer`` ``Authorization`` is none)."""
+    """
+    The distinct keys ``headers`` present (a non-``Bearer`` ``Authorization`` is none),
+    the ``openai-insecure-api-key.<key>`` subprotocol of a browser's WebSocket included.
+    """
     keys = set()
+    in_subprotocol, _ = take_subprotocol_key(headers)
+    if in_subprotocol:
+        keys.add(in_subprotocol.encode("ascii", "replace"))
     for name, value in headers:
         lowered = name.lower()
         if lowered == b"authorization":

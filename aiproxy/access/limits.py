@@ -21,11 +21,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from aiproxy.core.interfaces import RawHeaders
 
 __all__ = [
@@ -39,9 +41,11 @@ __all__ = [
     "Admitted",
     "Cell",
     "KeyLimits",
+    "Limiter",
     "Rate",
     "Refusal",
     "duration_text",
+    "has_limits",
     "rate_limit_headers",
     "settled_tat",
     "token_estimate",
@@ -94,6 +98,20 @@ class Admitted(Protocol):
 
     def release(self) -> None:
         """The upstream was never reached: give back the tokens reserved."""
+
+
+class Limiter(Protocol):
+    """Where keys' limits are counted: in this process, or in Redis (a Deferred)."""
+
+    def admit(self, key_id: str, limits: KeyLimits, tokens: int) -> Any:
+        """
+        Admit one request of ``key_id`` that may use ``tokens``: an :class:`Admitted`,
+        a :class:`Refusal`, or (from Redis, when it fails and the policy is closed) an
+        ``Unavailable``; or a Deferred firing with one of them.
+        """
+
+    def close(self) -> Deferred[None] | None:
+        """Let go of what it holds (Redis connections); fires once done, if it waits."""
 
 
 class KeyLimits(Protocol):
@@ -162,6 +180,11 @@ class Cell:
 def _remaining(rate: Rate, owed: float) -> int:
     """Units available when ``owed`` seconds of the period are already spoken for."""
     return max(0, min(rate.limit, math.floor((rate.period - owed) / rate.interval + 1e-9)))
+
+
+def has_limits(limits: KeyLimits) -> bool:
+    """Whether any limit applies to a key."""
+    return bool(limits.rpm or limits.tpm or limits.tpd or limits.concurrent)
 
 
 def settled_tat(rate: Rate, tat: float, reserved: int, used: int) -> float:

@@ -77,6 +77,9 @@ class MemoryLimiter:
         self.clock = clock
         self._keys: dict[str, _KeyState] = {}
 
+    def close(self) -> None:
+        """Nothing to let go of."""
+
     def admit(self, key_id: str, limits: KeyLimits, tokens: int) -> Admission | Refusal:
         """
         Admit one request of key ``key_id`` that may use ``tokens`` tokens, or say

@@ -18,6 +18,7 @@ import attrs
 
 from aiproxy.access.keyfile import read_key_file
 from aiproxy.access.keys import KeyFileError, KeyRing
+from aiproxy.access.limits import has_limits
 from aiproxy.config import Config, ConfigError
 from aiproxy.core.interfaces import RawHeaders
 
@@ -81,6 +82,13 @@ def access_policy(config: Config) -> AccessPolicy:
                 f"UPSTREAM_API_KEY is set and no ACCESS_KEYS_FILE, so anyone reaching"
                 f" {public[0]} could spend it: set ACCESS_KEYS_FILE, listen on loopback"
                 f" only, or set AUTH=none"
+            )
+    if keys is not None and config.max_workers > 1 and not config.redis_url:
+        limited = [entry.id for entry in keys.ring.entries if has_limits(entry)]
+        if limited:
+            raise ConfigError(
+                f"key {limited[0]!r} has limits and MAX_WORKERS is {config.max_workers}:"
+                " set REDIS_URL so that the workers share them (each would count alone)"
             )
     credentials: RawHeaders | None = None
     if upstream_key:

@@ -15,10 +15,12 @@ outage), ``closed`` refuses.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -34,7 +36,15 @@ from aiproxy.access.limits import (
 from aiproxy.core.interfaces import RawHeaders
 from aiproxy.ops.logger import log
 
-__all__ = ["LEASE", "REDIS_TIMEOUT", "RedisAdmission", "RedisClient", "RedisLimiter", "Unavailable"]
+__all__ = [
+    "LEASE",
+    "REDIS_TIMEOUT",
+    "RedisAdmission",
+    "RedisClient",
+    "RedisLimiter",
+    "Unavailable",
+    "redis_client",
+]
 
 REDIS_TIMEOUT = 0.5
 """Seconds a limit check may wait for Redis before the failure policy applies."""
@@ -134,11 +144,38 @@ return 1
 """
 
 
+def redis_client(url: str) -> RedisClient:
+    """
+    A ``txredisapi`` connection pool for ``url`` (``redis://[:password@]host[:port][/db]``
+    or ``rediss://`` for TLS) that connects lazily and reconnects by itself.
+    """
+    import txredisapi
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("REDIS_URL must look like redis://host:port/0")
+    database = parts.path.strip("/")
+    client: RedisClient = txredisapi.lazyConnectionPool(
+        parts.hostname,
+        parts.port or 6379,
+        dbid=int(database) if database else None,
+        poolsize=4,
+        reconnect=True,
+        password=unquote(parts.password) if parts.password else None,
+        ssl_context_factory=parts.scheme == "rediss",
+        connectTimeout=REDIS_TIMEOUT * 4,
+    )
+    return client
+
+
 class RedisClient(Protocol):
     """What the limiter uses of a Redis client (``txredisapi``'s connections)."""
 
     def eval(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
         """Run a Lua script (by its SHA-1 once Redis knows it)."""
+
+    def disconnect(self) -> Deferred[Any]:
+        """Close the connections."""
 
 
 @attrs.frozen
@@ -223,13 +260,16 @@ class RedisLimiter:
         self.clock = clock
         self.fail_open = fail_open
         self.errors = 0
+        self.answered: bool | None = None
+        """Whether Redis answered the last check; L{None} before the first."""
         self._over: dict[str, tuple[float, Refusal]] = {}
         self._failing = False
 
     def admit(
-        self, key_id: str, limits: KeyLimits, tokens: int, request_id: str
+        self, key_id: str, limits: KeyLimits, tokens: int
     ) -> Deferred[RedisAdmission | _Admitted | Refusal | Unavailable]:
         """Admit one request of ``key_id`` that may use ``tokens``, or say why not."""
+        request_id = secrets.token_hex(8)  # its lease among the key's requests in flight
         known = self._over.get(key_id)
         if known is not None:
             until, refusal = known
@@ -250,6 +290,10 @@ class RedisLimiter:
         d.addCallback(self._answer, key_id, limits, request_id)
         d.addErrback(self._unanswered)
         return d
+
+    def close(self) -> Deferred[None]:
+        """Close the connections to Redis."""
+        return maybeDeferred(self.redis.disconnect)
 
     def run(self, script: str, keys: list[str], args: list[Any]) -> Deferred[Any]:
         """Run ``script``, failing with a timeout after :data:`REDIS_TIMEOUT`."""
@@ -284,9 +328,16 @@ class RedisLimiter:
             return _Admitted()
         return Unavailable("the rate limiter's Redis did not answer")
 
+    def state(self) -> str:
+        """What ``/api/health`` says of Redis: ``reachable``, ``unreachable`` or ``unused``."""
+        if self.answered is None:
+            return "unused"
+        return "reachable" if self.answered else "unreachable"
+
     def failed(self, reason: Failure) -> None:
         """Count a Redis failure; warn at the first of an outage."""
         self.errors += 1
+        self.answered = False
         if not self._failing:
             self._failing = True
             policy = "admitting" if self.fail_open else "refusing"
@@ -297,6 +348,7 @@ class RedisLimiter:
             )
 
     def _recovered(self) -> None:
+        self.answered = True
         if self._failing:
             self._failing = False
             log.info("Redis answers again; rate limits are shared again")

@@ -5,7 +5,10 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel
 
+from aiproxy.access.limits import Limiter
+from aiproxy.access.memory import MemoryLimiter
 from aiproxy.access.policy import access_policy
+from aiproxy.access.redis import RedisLimiter, redis_client
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.endpoints import health_endpoint, ping_endpoint
@@ -39,7 +42,9 @@ def build_core(
     """
     activity = Activity() if activity is None else activity
     endpoints: dict[bytes, Endpoint] = {
-        b"/api/health": health_endpoint(config, activity),
+        b"/api/health": health_endpoint(
+            config, activity, (lambda: _redis_state(core)) if config.redis_url else None
+        ),
         b"/api/ping": ping_endpoint(),
     }
     core = ProxyCore(
@@ -62,10 +67,32 @@ def build_core(
         debug=config.twisted_log_level <= LogLevel.debug,
         access=access_policy(config),
     )
+    if core.access_keys is not None:
+        core.limiter = _limiter(config, clock)
+        core.default_max_tokens = config.default_max_tokens
     if config.enable_metrics:
-        core.metrics = ProxyMetrics(lambda: core.active_streams, shared=shared_metrics)
+        core.metrics = ProxyMetrics(
+            lambda: core.active_streams,
+            shared=shared_metrics,
+            active_tunnels=lambda: core.active_tunnels,
+            limiter_errors=lambda: getattr(core.limiter, "errors", 0),
+        )
         endpoints[b"/api/metrics"] = metrics_endpoint(core.metrics)
     if config.enable_docs:
         endpoints.update(docs_endpoints(config))
     core.endpoints = endpoints
     return core
+
+
+def _limiter(config: Config, clock: IReactorTime) -> Limiter:
+    """Where the access keys' limits are counted: in Redis if ``REDIS_URL`` says so
+    (shared by every process that uses it), else in this process."""
+    if config.redis_url:
+        fail_open = config.rate_limit_on_redis_error == "open"
+        return RedisLimiter(redis_client(config.redis_url), clock, fail_open=fail_open)
+    return MemoryLimiter(clock)
+
+
+def _redis_state(core: ProxyCore) -> str:
+    limiter = core.limiter
+    return limiter.state() if isinstance(limiter, RedisLimiter) else "unused"

@@ -7,8 +7,18 @@ and the JSON body of its errors.
 from __future__ import annotations
 
 import json
+import math
 import time
+from collections.abc import Callable
 
+from aiproxy.access.limits import (
+    CONCURRENT,
+    DAILY_TOKENS,
+    REQUESTS,
+    TOKENS,
+    Refusal,
+    duration_text,
+)
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse, RawHeaders
@@ -23,6 +33,7 @@ __all__ = [
     "http_date",
     "json_response",
     "ping_endpoint",
+    "rate_limit_response",
 ]
 
 OWN_METHODS = (b"GET", b"HEAD")
@@ -53,6 +64,47 @@ def access_refusal_response(error: AccessRefused, anthropic: bool) -> LocalRespo
     return LocalResponse(error.status, headers, api_error_body(error, anthropic))
 
 
+def rate_limit_response(refusal: Refusal, key_id: str, anthropic: bool) -> LocalResponse:
+    """
+    The ``429`` for a request over one of its key's limits: how long to wait
+    (``Retry-After`` in whole seconds, ``retry-after-ms``) and, in the API's dialect,
+    which limit, its figure, what is used and what was asked. An exhausted daily quota
+    is ``insufficient_quota`` with ``x-should-retry: false``: waiting a moment is no use.
+    """
+    wait = max(refusal.wait, 0.001)
+    daily = refusal.kind == DAILY_TOKENS
+    message = (
+        f"Rate limit reached for key {key_id!r} on {_LIMIT_NAMES[refusal.kind]}: limit"
+        f" {refusal.limit}, used {refusal.used}, requested {refusal.requested}."
+        f" Please try again in {duration_text(wait)}."
+    )
+    headers: RawHeaders = [
+        (b"Retry-After", b"%d" % math.ceil(wait)),
+        (b"retry-after-ms", b"%d" % math.ceil(wait * 1000)),
+    ]
+    if daily:
+        headers.append((b"x-should-retry", b"false"))
+    headers.append((b"Content-Type", JSON))
+    if anthropic:
+        document: dict[str, object] = {
+            "type": "error",
+            "error": {"type": "rate_limit_error", "message": message},
+        }
+    else:
+        code = "insufficient_quota" if daily else "rate_limit_exceeded"
+        kind = "insufficient_quota" if daily else refusal.kind
+        document = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return LocalResponse(429, headers, json.dumps(document).encode())
+
+
+_LIMIT_NAMES = {
+    REQUESTS: "requests per minute (RPM)",
+    TOKENS: "tokens per minute (TPM)",
+    DAILY_TOKENS: "tokens per day (TPD)",
+    CONCURRENT: "requests at once",
+}
+
+
 def health_document(config: Config, draining: bool = False) -> dict[str, object]:
     """What ``/api/health`` says: the status and the live upstream settings."""
     timeout = config.request_timeout
@@ -65,19 +117,24 @@ def health_document(config: Config, draining: bool = False) -> dict[str, object]
     }
 
 
-def health_endpoint(config: Config, activity: Activity) -> Endpoint:
+def health_endpoint(
+    config: Config, activity: Activity, redis: Callable[[], str] | None = None
+) -> Endpoint:
     """
     ``GET /api/health``: the proxy is up, and where it sends requests. ``503`` with
     ``"status": "draining"`` once a graceful shutdown has begun, so that a load
-    balancer that still reaches this process takes it out of rotation.
+    balancer that still reaches this process takes it out of rotation. With ``redis``
+    (the per-key limits are in Redis), ``"redis"`` says what it last did: ``reachable``,
+    ``unreachable`` or ``unused`` (not asked yet).
     """
     healthy = health_document(config)
     draining = health_document(config, draining=True)
 
     def health(request: Incoming) -> LocalResponse:
-        if activity.draining:
-            return json_response(draining, 503)
-        return json_response(healthy)
+        document = draining if activity.draining else healthy
+        if redis is not None:
+            document = {**document, "redis": redis()}
+        return json_response(document, 503 if activity.draining else 200)
 
     return health
 

@@ -16,7 +16,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from aiproxy.core.endpoints import error_response, http_date
+from aiproxy.access.gate import speaks_anthropic
+from aiproxy.access.limits import Admitted, Refusal, has_limits, token_estimate
+from aiproxy.access.redis import Unavailable
+from aiproxy.core.endpoints import error_response, http_date, rate_limit_response
 from aiproxy.core.failures import Retry, classify, describe
 from aiproxy.core.interfaces import (
     ClientSide,
@@ -28,7 +31,7 @@ from aiproxy.core.interfaces import (
     UpstreamResponse,
 )
 from aiproxy.core.tunnel import Tunnel
-from aiproxy.errors import InternalError, ProxyError, UpstreamTimeout
+from aiproxy.errors import InternalError, ProxyError, RateLimiterUnavailable, UpstreamTimeout
 from aiproxy.ops.logger import log
 from aiproxy.rules.cors import add_response_headers, response_headers
 from aiproxy.rules.headers import (
@@ -38,12 +41,15 @@ from aiproxy.rules.headers import (
     is_event_stream,
     request_head,
     upstream_request_headers,
+    with_rate_limits,
 )
 from aiproxy.rules.redact import redact_url
 from aiproxy.rules.retry import retry_after
-from aiproxy.rules.usage import UsageMeter, usage_meter
+from aiproxy.rules.usage import Usage, UsageMeter, usage_meter
+from aiproxy.rules.websocket import take_subprotocol_key
 
 if TYPE_CHECKING:
+    from aiproxy.access.keys import KeyEntry
     from aiproxy.core.handler import ProxyCore
 
 __all__ = ["LocalAnswer", "ProxyExchange"]
@@ -147,12 +153,14 @@ class ProxyExchange(_Handled):
 
     __slots__ = (
         "active",
+        "admission",
         "attempt",
         "body",
         "bytes_out",
         "deadline",
         "head",
         "headers_timer",
+        "key",
         "meter",
         "pending",
         "response",
@@ -186,6 +194,8 @@ class ProxyExchange(_Handled):
         self.wait = 0.0
         self.upgrading = False  # a WebSocket upgrade the client's door can tunnel
         self.tunnel: Tunnel | None = None
+        self.key: KeyEntry | None = None  # the access key presented, if keys are on
+        self.admission: Admitted | None = None  # its share of the key's limits
 
     # -- sending -------------------------------------------------------------------
 
@@ -194,8 +204,11 @@ class ProxyExchange(_Handled):
         core = self.core
         request = self.request
         body = self.body
+        sent = request.headers
+        if self.upgrading and core.upstream_credentials is not None:
+            sent = take_subprotocol_key(sent)[1]  # the client's key never goes upstream
         headers = upstream_request_headers(
-            request.headers,
+            sent,
             client_ip=None if request.peer is None else request.peer.encode("ascii"),
             scheme=request.scheme,
             request_id=request.request_id,
@@ -216,7 +229,41 @@ class ProxyExchange(_Handled):
         self.wait = wait  # REQUEST_TIMEOUT, or TOTAL_TIMEOUT if sooner
         self.deadline = clock.seconds() + wait
         self.headers_timer = clock.callLater(wait, self._headers_expired)
-        self._send()
+        self._admit()
+
+    def _admit(self) -> None:
+        """Take the request's share of its key's limits (tokens reserved: an estimate of
+        the prompt and the most it may generate), then send it."""
+        key, limiter = self.key, self.core.limiter
+        if key is None or limiter is None or not has_limits(key):
+            self._send()
+            return
+        tokens = 0
+        if key.tpm or key.tpd:
+            body = self.body
+            if isinstance(body, bytes):
+                tokens = token_estimate(body, None, self.core.default_max_tokens)
+            else:
+                tokens = token_estimate(None, body.length, self.core.default_max_tokens)
+        result = limiter.admit(key.id, key, tokens)
+        if isinstance(result, Deferred):
+            result.addCallback(self._admitted).addErrback(self._bug)
+        else:
+            self._admitted(result)
+
+    def _admitted(self, result: Admitted | Refusal | Unavailable) -> None:
+        if isinstance(result, Refusal):
+            assert self.key is not None
+            self.request.record.auth_refusal = result.kind
+            anthropic = speaks_anthropic(self.request.target.partition(b"?")[0])
+            self.answer(rate_limit_response(result, self.key.id, anthropic))
+        elif isinstance(result, Unavailable):
+            self.answer_error(RateLimiterUnavailable(result.reason))
+        elif self.done:  # the client left while the limiter answered
+            result.release()
+        else:
+            self.admission = result
+            self._send()
 
     def _send(self) -> None:
         self.retry_timer = None
@@ -339,6 +386,8 @@ class ProxyExchange(_Handled):
             self._open_tunnel(response, response.tunnel)
             return
         headers = self.own_headers(client_response_headers(upstream_headers))
+        if self.admission is not None:
+            headers = with_rate_limits(headers, self.admission.headers)
         self.response = response
         has_body = response.has_body
         self.client.send_head(status, response.reason, headers, response.length, has_body)
@@ -487,6 +536,12 @@ class ProxyExchange(_Handled):
         record.bytes_out = self.bytes_out
         if self.meter is not None:
             record.usage = self.meter.result()
+        admission = self.admission
+        if admission is not None:
+            if record.upstream_status is None:  # the upstream was never reached
+                admission.release()
+            else:
+                admission.settle(_tokens_used(record.usage))
         super().end(cancelled)
 
     def _bug(self, failure: Failure) -> None:
@@ -502,6 +557,13 @@ class ProxyExchange(_Handled):
         else:
             self.client.abort()
             self.end(cancelled=False)
+
+
+def _tokens_used(usage: Usage | None) -> int | None:
+    """All the tokens a response says it used; L{None} if it does not say."""
+    if usage is None or (usage.prompt_tokens is None and usage.completion_tokens is None):
+        return None
+    return (usage.prompt_tokens or 0) + (usage.completion_tokens or 0)
 
 
 def _reason(status: int) -> bytes:

@@ -55,6 +55,8 @@ from aiproxy.rules.target import Target, has_dot_segments, is_origin_form
 from aiproxy.rules.websocket import is_websocket_upgrade
 
 if TYPE_CHECKING:
+    from aiproxy.access.keys import KeyEntry
+    from aiproxy.access.limits import Limiter
     from aiproxy.access.policy import AccessPolicy
     from aiproxy.ops.metrics import ProxyMetrics
 
@@ -89,6 +91,9 @@ class ProxyCore:
         upstream; L{None}: anyone, with their own credentials.
 
     @ivar access_keys: the access keys clients must present (L{None}: none).
+    @ivar limiter: where the keys' limits are counted (L{None}: no limits).
+    @ivar default_max_tokens: the completion tokens a request that names no
+        ``max_tokens`` reserves under a token limit.
     @ivar upstream_credentials: sent upstream instead of every client credential
         (L{None}: the client's own pass through).
     @ivar cancelled: upstream requests cancelled because their client went away.
@@ -135,6 +140,8 @@ class ProxyCore:
         self.log_requests = log_requests
         self.debug = debug
         self.access_keys = None if access is None else access.keys
+        self.limiter: Limiter | None = None
+        self.default_max_tokens = 4096
         self.upstream_credentials = None if access is None else access.credentials
         self.idle_sweep = IdleSweep(clock, stream_idle_timeout)
         self.tunnels = IdleSweep(clock, tunnel_idle_timeout)
@@ -208,6 +215,7 @@ class ProxyCore:
                 BadRequestTarget("the request target must not have '.' or '..' segments"),
             )
         keys = self.access_keys
+        key: KeyEntry | None = None
         if keys is not None:
             path = target.partition(b"?")[0]
             entry = authorize(
@@ -220,6 +228,7 @@ class ProxyCore:
             if isinstance(entry, AccessRefused):
                 return self._refuse_access(request, client, entry, speaks_anthropic(path))
             request.record.key_id = entry.id
+            key = entry
         if is_websocket_upgrade(request.headers):
             refusal = _tunnel_refusal(request, body, client)
             if refusal is not None:
@@ -229,6 +238,7 @@ class ProxyCore:
             overloaded = f"the proxy is handling its limit of {limit} requests; retry shortly"
             return self._refuse(request, client, Overloaded(overloaded))
         exchange = ProxyExchange(self, request, body, client)
+        exchange.key = key
         exchange.upgrading = client.tunnels and is_websocket_upgrade(request.headers)
         self._started(exchange)
         if limit:

@@ -85,7 +85,7 @@ class LatencyHistogram:
 Snapshot = dict[str, Any]
 """One process's metrics as plain JSON data (see :meth:`ProxyMetrics.snapshot`)."""
 
-_GAUGES = ("active_requests", "active_streams")
+_GAUGES = ("active_requests", "active_streams", "active_tunnels")
 
 
 class ProxyMetrics:
@@ -99,7 +99,8 @@ class ProxyMetrics:
     the other workers last published is added in.
 
     @param active_streams: how many event streams are being relayed now (read at
-        scrape time).
+        scrape time), and likewise ``active_tunnels`` (WebSocket tunnels open) and
+        ``limiter_errors`` (checks of the per-key limits that Redis did not answer).
     """
 
     def __init__(
@@ -107,8 +108,14 @@ class ProxyMetrics:
         active_streams: Callable[[], int],
         registry: CollectorRegistry | None = None,
         shared: SharedMetrics | None = None,
+        active_tunnels: Callable[[], int] = lambda: 0,
+        limiter_errors: Callable[[], int] = lambda: 0,
     ) -> None:
         self.active_streams = active_streams
+        self.active_tunnels = active_tunnels
+        self.limiter_errors = limiter_errors
+        self.tunnels_closed: dict[str, int] = {}
+        self.tunnel_bytes = {"in": 0, "out": 0}
         self.shared = shared
         self.active_requests = 0
         self.requests: dict[tuple[str, int], int] = {}
@@ -154,6 +161,11 @@ class ProxyMetrics:
         if record.auth_refusal is not None:
             refusal = (record.status, record.auth_refusal, key_id or "-")
             self.auth_refusals[refusal] = self.auth_refusals.get(refusal, 0) + 1
+        closed_by = record.tunnel_closed_by
+        if closed_by is not None:
+            self.tunnels_closed[closed_by] = self.tunnels_closed.get(closed_by, 0) + 1
+            self.tunnel_bytes["in"] += record.bytes_in
+            self.tunnel_bytes["out"] += record.bytes_out
         usage = record.usage
         if usage is not None:
             model = "unknown" if usage.model is None else self._models.label(usage.model)
@@ -181,8 +193,12 @@ class ProxyMetrics:
                 f"{status} {reason} {key_id}": n
                 for (status, reason, key_id), n in self.auth_refusals.items()
             },
+            "tunnels_closed": dict(self.tunnels_closed),
+            "tunnel_bytes": dict(self.tunnel_bytes),
+            "limiter_errors": self.limiter_errors(),
             "active_requests": self.active_requests,
             "active_streams": self.active_streams(),
+            "active_tunnels": self.active_tunnels(),
         }
 
     def collect(self) -> Iterator[Metric]:
@@ -213,6 +229,28 @@ class ProxyMetrics:
             "aiproxy_active_streams",
             "Event streams (text/event-stream responses) being relayed.",
             value=state["active_streams"],
+        )
+        yield GaugeMetricFamily(
+            "aiproxy_active_tunnels",
+            "WebSocket tunnels open.",
+            value=state.get("active_tunnels", 0),
+        )
+        yield _counter_family(
+            "aiproxy_tunnels_closed",
+            "WebSocket tunnels closed, by the side that ended them (client, upstream, proxy).",
+            ["closed_by"],
+            state.get("tunnels_closed", {}),
+        )
+        yield _counter_family(
+            "aiproxy_tunnel_bytes",
+            "Bytes through closed WebSocket tunnels: from clients (in) and to them (out).",
+            ["direction"],
+            state.get("tunnel_bytes", {}),
+        )
+        yield CounterMetricFamily(
+            "aiproxy_rate_limit_redis_errors",
+            "Checks of the per-key limits that Redis did not answer in time.",
+            value=state.get("limiter_errors", 0),
         )
         yield _counter_family(
             "aiproxy_upstream_errors",

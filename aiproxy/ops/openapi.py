@@ -261,6 +261,12 @@ def _components(config: Config) -> dict[str, Any]:
                         "enum": ["access_keys", "none"],
                         "description": "Whether clients must present an access key.",
                     },
+                    "redis": {
+                        "type": "string",
+                        "enum": ["reachable", "unreachable", "unused"],
+                        "description": "With REDIS_URL: whether Redis answered the last"
+                        " check of the per-key limits (unused: none yet).",
+                    },
                 },
             },
             "Ping": {

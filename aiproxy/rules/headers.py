@@ -35,6 +35,7 @@ __all__ = [
     "original_client",
     "request_head",
     "upstream_request_headers",
+    "with_rate_limits",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -338,6 +339,17 @@ def request_head(
     else:
         append(b"\r\n")
     return b"".join(parts)
+
+
+def with_rate_limits(headers: RawHeaders, limits: RawHeaders) -> RawHeaders:
+    """
+    ``headers`` (a response's) with the proxy's ``x-ratelimit-*`` fields ``limits``
+    instead of the upstream's, when a proxy limit applies (``limits`` not empty).
+    """
+    if not limits:
+        return headers
+    kept = [(n, v) for n, v in headers if not n.lower().startswith(b"x-ratelimit-")]
+    return kept + limits
 
 
 SET_BY_THE_PROXY = frozenset({b"x-request-id", b"x-process-time", b"x-proxy-by"})

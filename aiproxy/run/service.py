@@ -25,15 +25,20 @@ class PoolService(Service):
 
 
 class CoreService(Service):
-    """Stops the proxy core's timers when the application stops."""
+    """Stops the proxy core's timers, and closes its limiter's connections, when the
+    application stops."""
 
     def __init__(self, core: ProxyCore) -> None:
         self.core = core
 
-    def stopService(self) -> None:
-        """Stop the idle sweep."""
+    def stopService(self) -> Deferred[None] | None:
+        """Stop the idle sweeps; close the limiter (its Redis connections)."""
         super().stopService()
-        self.core.idle_sweep.stop()
+        core = self.core
+        core.idle_sweep.stop()
+        core.tunnels.stop()
+        limiter = core.limiter
+        return None if limiter is None else limiter.close()
 
 
 class SequentialMultiService(MultiService):

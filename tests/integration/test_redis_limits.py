@@ -6,7 +6,7 @@ applies while Redis is down, until it is back.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +16,14 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import capturedLogs
 
+from aiproxy.access.keyfile import replace_key_file
+from aiproxy.access.keys import key_digest, new_key
 from aiproxy.access.limits import Refusal
 from aiproxy.access.redis import RedisAdmission, RedisLimiter, Unavailable
 
+from .conftest import Proxy, Upstream
 from .redis_server import REDIS_SERVER, RedisServer, connect, start_redis
-from .support import sleep
+from .support import raw_exchange, sleep
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="needs redis-server")
 
@@ -63,6 +66,9 @@ class CountingRedis:
         self.calls += 1
         return self.client.eval(script, keys, args)
 
+    def disconnect(self) -> Any:
+        return self.client.disconnect()
+
 
 def limiters(clients: list[Any], *, fail_open: bool = True) -> list[RedisLimiter]:
     return [RedisLimiter(client, reactor, fail_open=fail_open) for client in clients]
@@ -73,8 +79,7 @@ async def test_two_processes_share_one_requests_limit(clients: list[Any]) -> Non
     """RPM 5 checked by two limiters, alternately: five requests in all, not per limiter."""
     first, second = limiters(clients)
     results = [
-        await (first if n % 2 else second).admit("alice", Limits(rpm=5), 0, f"r{n}")
-        for n in range(10)
+        await (first if n % 2 else second).admit("alice", Limits(rpm=5), 0) for n in range(10)
     ]
     assert sum(isinstance(r, RedisAdmission) for r in results) == 5
     refusal = results[5]
@@ -90,15 +95,15 @@ async def test_token_reservations_are_shared_and_settled(clients: list[Any]) -> 
     first, second = limiters(clients)
     limits = Limits(tpm=1000)
     admitted = [
-        await first.admit("alice", limits, 400, "a"),
-        await second.admit("alice", limits, 400, "b"),
+        await first.admit("alice", limits, 400),
+        await second.admit("alice", limits, 400),
     ]
     assert all(isinstance(a, RedisAdmission) for a in admitted)
-    refusal = await first.admit("alice", limits, 400, "c")
+    refusal = await first.admit("alice", limits, 400)
     assert isinstance(refusal, Refusal) and (refusal.kind, refusal.used) == ("tokens", 800)
     admitted[0].settle(100)
     await sleep(0.05)  # the settlement is sent, not waited for
-    assert isinstance(await second.admit("alice", limits, 400, "d"), RedisAdmission)
+    assert isinstance(await second.admit("alice", limits, 400), RedisAdmission)
 
 
 @pytest_twisted.ensureDeferred
@@ -107,20 +112,20 @@ async def test_requests_in_flight_are_counted_across_processes(clients: list[Any
     first to end."""
     first, second = limiters(clients)
     limits = Limits(concurrent=1)
-    admission = await first.admit("alice", limits, 0, "one")
+    admission = await first.admit("alice", limits, 0)
     assert isinstance(admission, RedisAdmission)
-    refusal = await second.admit("alice", limits, 0, "two")
+    refusal = await second.admit("alice", limits, 0)
     assert isinstance(refusal, Refusal) and refusal.kind == "concurrent"
     admission.release()
     await sleep(0.05)
-    assert isinstance(await second.admit("alice", limits, 0, "three"), RedisAdmission)
+    assert isinstance(await second.admit("alice", limits, 0), RedisAdmission)
 
 
 @pytest_twisted.ensureDeferred
 async def test_admissions_say_the_limits_as_openai_does(clients: list[Any]) -> None:
     """The first request of a fresh key under RPM 60 and TPM 1000 says what remains."""
     [limiter, _] = limiters(clients)
-    admission = await limiter.admit("bob", Limits(rpm=60, tpm=1000), 250, "r")
+    admission = await limiter.admit("bob", Limits(rpm=60, tpm=1000), 250)
     assert isinstance(admission, RedisAdmission)
     assert admission.headers == [
         (b"x-ratelimit-limit-requests", b"60"),
@@ -140,10 +145,10 @@ async def test_a_key_over_its_limit_is_refused_without_asking_redis_again(
     locally until the wait is over."""
     counting = CountingRedis(clients[0])
     limiter = RedisLimiter(counting, reactor, fail_open=True)
-    await limiter.admit("carol", Limits(rpm=1), 0, "1")
-    assert isinstance(await limiter.admit("carol", Limits(rpm=1), 0, "2"), Refusal)
-    for n in range(5):
-        refusal = await limiter.admit("carol", Limits(rpm=1), 0, f"x{n}")
+    await limiter.admit("carol", Limits(rpm=1), 0)
+    assert isinstance(await limiter.admit("carol", Limits(rpm=1), 0), Refusal)
+    for _ in range(5):
+        refusal = await limiter.admit("carol", Limits(rpm=1), 0)
         assert isinstance(refusal, Refusal) and 0 < refusal.wait <= 60
     assert counting.calls == 2
 
@@ -157,10 +162,10 @@ async def test_redis_down_applies_the_policy_until_it_is_back(
     warning for the outage; once Redis is back the limits hold again."""
     [limiter, _] = limiters(clients, fail_open=fail_open)
     limits = Limits(rpm=1)
-    assert isinstance(await limiter.admit("dave", limits, 0, "1"), RedisAdmission)
+    assert isinstance(await limiter.admit("dave", limits, 0), RedisAdmission)
     redis.stop()
     with capturedLogs() as events:
-        outcomes = [await limiter.admit("dave", limits, 0, f"down{n}") for n in range(3)]
+        outcomes = [await limiter.admit("dave", limits, 0) for _ in range(3)]
     if fail_open:
         assert all(o.headers == [] for o in outcomes if not isinstance(o, Unavailable))
         assert not any(isinstance(o, (Unavailable, Refusal)) for o in outcomes)
@@ -173,10 +178,37 @@ async def test_redis_down_applies_the_policy_until_it_is_back(
     await redis.start()
 
     async def answers() -> bool:
-        return isinstance(await limiter.admit("erin", limits, 0, "back"), RedisAdmission)
+        return isinstance(await limiter.admit("erin", limits, 0), RedisAdmission)
 
     deadline = reactor.seconds() + 10
     while not await answers():
         assert reactor.seconds() < deadline, "Redis did not come back"
         await sleep(0.2)
-    assert isinstance(await limiter.admit("erin", limits, 0, "again"), Refusal)
+    assert isinstance(await limiter.admit("erin", limits, 0), Refusal)
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_proxies_on_one_redis_hold_one_limit_together(
+    redis: RedisServer, upstream: Upstream, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """Two aiproxy instances with the same key file and ``REDIS_URL``: Alice's RPM 3 is
+    three requests in all, alternating between them; the fourth and later get ``429``."""
+    key = new_key()
+    path = str(tmp_path / "keys.toml")
+    replace_key_file(path, [{"id": "alice", "sha256": key_digest(key), "rpm": 3}])
+    proxies = [
+        start_proxy(upstream.url, access_keys_file=path, redis_url=redis.url) for _ in range(2)
+    ]
+    statuses = []
+    for n in range(6):
+        response = await raw_exchange(
+            proxies[n % 2].port,
+            b"GET /v1/models HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\n\r\n",
+        )
+        statuses.append(response.status)
+    assert statuses == [200, 200, 200, 429, 429, 429]
+    assert upstream.stats.requests == 3
+    health = await raw_exchange(proxies[0].port, b"GET /api/health HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert health.json()["redis"] == "reachable"

@@ -6,9 +6,13 @@ any other answer relayed as an ordinary response. Over a fake upstream and clock
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from twisted.logger import capturedLogs
 
+from aiproxy.access.keyfile import replace_key_file
+from aiproxy.access.keys import key_digest
 from aiproxy.core.tunnel import CLOSE_GRACE
 
 from .fakes import ClientConnection, FakeTunnelEnd
@@ -186,3 +190,40 @@ def test_the_twisted_web_door_does_not_tunnel() -> None:
     assert response.status == 501
     assert error_of(response)["type"] == "websocket_not_supported"
     assert proxy.upstream.calls == []
+
+
+def test_a_browser_key_in_the_subprotocol_list_opens_the_tunnel_and_stays_here(
+    tmp_path: Path,
+) -> None:
+    """With access keys, a browser's ``openai-insecure-api-key.<key>`` subprotocol is its
+    key: the upgrade is admitted, the entry is removed from the list sent upstream (the
+    field dropped when nothing is left), and the upstream gets the upstream key."""
+    key = "aip-" + "b" * 43
+    keys = tmp_path / "keys.toml"
+    replace_key_file(str(keys), [{"id": "browser", "sha256": key_digest(key)}])
+    proxy = start_proxy(access_keys_file=str(keys), upstream_api_key="sk-upstream-1234567890")
+    offer = b"realtime, openai-insecure-api-key." + key.encode()
+    headers = [(n, offer if n == b"Sec-WebSocket-Protocol" else v) for n, v in UPGRADE]
+    proxy.client.request(b"GET", b"/v1/realtime", headers)
+    call = proxy.upstream.last
+    assert call.headers.getRawHeaders(b"sec-websocket-protocol") == [b"realtime"]
+    assert key.encode() not in call.head
+    assert call.headers.getRawHeaders(b"authorization") == [b"Bearer sk-upstream-1234567890"]
+    alone = [
+        (n, b"openai-insecure-api-key." + key.encode())
+        if n == b"Sec-WebSocket-Protocol"
+        else (n, v)
+        for n, v in UPGRADE
+    ]
+    other = ClientConnection(proxy.client.protocol.factory)
+    other.request(b"GET", b"/v1/realtime", alone)
+    assert proxy.upstream.last.headers.getRawHeaders(b"sec-websocket-protocol") is None
+
+
+def test_without_access_keys_the_subprotocol_list_passes_untouched() -> None:
+    """With no access keys the browser's subprotocol key is the upstream's own: it passes."""
+    proxy = start_proxy()
+    offer = b"realtime, openai-insecure-api-key.sk-browser"
+    headers = [(n, offer if n == b"Sec-WebSocket-Protocol" else v) for n, v in UPGRADE]
+    proxy.client.request(b"GET", b"/v1/realtime", headers)
+    assert proxy.upstream.last.headers.getRawHeaders(b"sec-websocket-protocol") == [offer]
