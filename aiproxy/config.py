@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit
 
 import attrs
 from twisted.logger import LogLevel
@@ -291,20 +290,14 @@ REDIS_ERROR_POLICIES = ("open", "closed")
 """``RATE_LIMIT_ON_REDIS_ERROR``: admit or refuse while Redis does not answer."""
 
 
+_REDIS_URL = re.compile(
+    r"rediss?://([^@/]*@)?(\[[0-9A-Fa-f:.]+\]|[^@/:\[\]]+)(:[0-9]{1,5})?(/[0-9]*)?"
+)
+"""``redis://[:password@]host[:port][/db]``, or ``rediss://`` for TLS."""
+
+
 def _valid_redis_url(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if not value:
-        return
-    parts = urlsplit(value)
-    database = parts.path.strip("/")
-    try:
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError:
-        database = "x"
-    if (
-        parts.scheme not in ("redis", "rediss")
-        or not parts.hostname
-        or (not database.isdigit() and database)
-    ):
+    if value and not _REDIS_URL.fullmatch(value):
         raise ConfigError(
             f"{_setting_of(attribute).label}: {redact_text(value)!r} is not"
             " redis://host[:port][/db] (or rediss:// for TLS)"

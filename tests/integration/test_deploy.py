@@ -284,7 +284,9 @@ async def test_image_plugin_cache_is_valid_so_a_start_writes_nothing_under_site_
     site = tmp_path / "site-packages"
     plugins = site / "twisted" / "plugins"
     plugins.mkdir(parents=True)
-    plugin = plugins / "aiproxy_plugin.py"
+    # Under another module name: where aiproxy is installed already (CI's venv), its own
+    # aiproxy_plugin would shadow this one, and Twisted would write no cache here.
+    plugin = plugins / "aiproxy_image_plugin.py"
     shutil.copy(REPO / "twisted" / "plugins" / "aiproxy_plugin.py", plugin)
     # Written late in this second: the cache step below runs within the same second.
     now = time.time()

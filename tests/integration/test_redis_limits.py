@@ -22,6 +22,7 @@ from aiproxy.access.limits import Refusal
 from aiproxy.access.redis import RedisAdmission, RedisLimiter, Unavailable
 
 from .conftest import Proxy, Upstream
+from .processes import TwistProcess
 from .redis_server import REDIS_SERVER, RedisServer, connect, start_redis
 from .support import raw_exchange, sleep
 
@@ -212,3 +213,50 @@ async def test_two_proxies_on_one_redis_hold_one_limit_together(
     assert upstream.stats.requests == 3
     health = await raw_exchange(proxies[0].port, b"GET /api/health HTTP/1.1\r\nHost: h\r\n\r\n")
     assert health.json()["redis"] == "reachable"
+
+
+async def _statuses(ports: list[int], key: str, count: int) -> list[int]:
+    """``count`` requests with ``key``, taking the ports in turn; their statuses."""
+    statuses = []
+    for n in range(count):
+        response = await raw_exchange(
+            ports[n % len(ports)],
+            b"GET /v1/models HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nConnection: close\r\n\r\n",
+        )
+        statuses.append(response.status)
+    return statuses
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_processes_and_workers_on_one_redis_hold_one_limit(
+    redis: RedisServer, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Two ``twist aiproxy`` processes, and then one with ``--workers 2``, each sharing
+    one Redis: a key's RPM 4 is four requests in all, not four per process."""
+    key = new_key()
+    path = str(tmp_path / "keys.toml")
+    replace_key_file(path, [{"id": "alice", "sha256": key_digest(key), "rpm": 4}])
+    env = {"ACCESS_KEYS_FILE": path, "REDIS_URL": redis.url}
+    pair = [TwistProcess.start(upstream.url, tmp_path, env=env) for _ in range(2)]
+    try:
+        for process in pair:
+            await process.wait_ready()
+        statuses = await _statuses([p.port for p in pair], key, 8)
+    finally:
+        for process in pair:
+            await process.stop()
+    assert sorted(statuses) == [200] * 4 + [429] * 4
+
+    second = new_key()
+    replace_key_file(path, [{"id": "bob", "sha256": key_digest(second), "rpm": 4}])
+    workers = TwistProcess.start(upstream.url, tmp_path, "--workers", "2", env=env)
+    try:
+        await workers.wait_ready()
+        statuses = await _statuses([workers.port], second, 8)
+    finally:
+        await workers.stop()
+    assert sorted(statuses) == [200] * 4 + [429] * 4
+    assert "Traceback" not in workers.whole_log()

@@ -482,3 +482,29 @@ def test_an_invalid_value_from_dotenv_says_so_with_its_line(
     with pytest.raises(ConfigError) as caught:
         load_config({}, dotenv, {})
     assert ".env" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:6379/0",
+        "redis://cache",
+        "rediss://:pw@cache:6380/2",
+        "redis://[::1]:6379",
+    ],
+)
+def test_redis_url_takes_redis_urls(url: str) -> None:
+    """``redis://`` and ``rediss://`` URLs, with a password, port and database or not."""
+    assert Config(redis_url=url).redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://cache", "redis://cache:port/0", "redis://cache/zero", "redis://:hunter2@cache/x"],
+)
+def test_a_redis_url_that_is_not_one_stops_the_start_without_its_password(url: str) -> None:
+    """Anything else is one line naming REDIS_URL, the password never in it."""
+    with pytest.raises(ConfigError, match="REDIS_URL") as raised:
+        Config(redis_url=url)
+    assert "hunter2" not in str(raised.value)
+    assert "hunter2" not in repr(Config(redis_url="redis://:hunter2@cache/0"))
