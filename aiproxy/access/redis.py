@@ -15,7 +15,7 @@ outage), ``closed`` refuses.
 
 from __future__ import annotations
 
-import secrets
+from random import getrandbits
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -269,7 +269,7 @@ class RedisLimiter:
         self, key_id: str, limits: KeyLimits, tokens: int
     ) -> Deferred[RedisAdmission | _Admitted | Refusal | Unavailable]:
         """Admit one request of ``key_id`` that may use ``tokens``, or say why not."""
-        request_id = secrets.token_hex(8)  # its lease among the key's requests in flight
+        request_id = f"{getrandbits(64):016x}"  # its lease among the key's requests in flight
         known = self._over.get(key_id)
         if known is not None:
             until, refusal = known
