@@ -295,9 +295,10 @@ class HTTP11Connection(TwistedProtocol):
     def close_if_idle(self) -> None:
         """
         Close now if no request is in flight or arriving; else say ``Connection:
-        close`` on the next response head and close after that response.
+        close`` on the next response head and close after that response. A WebSocket
+        tunnel is in flight until it ends (or the drain runs out of time).
         """
-        if self._closed:
+        if self._closed or self._tunnel is not None:
             return
         if not self._requests:
             self._close()

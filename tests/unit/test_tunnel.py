@@ -149,9 +149,15 @@ def test_a_tunnel_counts_as_a_request_in_flight_until_it_closes() -> None:
 
 
 def test_a_drain_out_of_time_drops_the_tunnel() -> None:
-    """When a graceful shutdown runs out of time, both sides are dropped at once."""
+    """A graceful shutdown leaves an open tunnel running (it is a request in flight);
+    when it runs out of time, both sides are dropped at once."""
     proxy = start_proxy()
     upstream = open_tunnel(proxy)
+    for connection in proxy.core.activity.connections():
+        connection.close_if_idle()
+    upstream.send(b"\x81\x02hi")
+    assert proxy.client.transport.value() == b"\x81\x02hi"
+    assert not proxy.client.transport.disconnecting and not upstream.closed
     for request in list(proxy.core.activity.requests):
         request.abort()
     assert upstream.aborted
