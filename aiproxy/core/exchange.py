@@ -174,8 +174,19 @@ class ProxyExchange(_Handled):
     )
 
     def __init__(
-        self, core: ProxyCore, request: Incoming, body: RequestBody, client: ClientSide
+        self,
+        core: ProxyCore,
+        request: Incoming,
+        body: RequestBody,
+        client: ClientSide,
+        *,
+        key: KeyEntry | None = None,
+        upgrading: bool = False,
     ) -> None:
+        """
+        @param key: the access key the request presented, if access keys are on.
+        @param upgrading: a WebSocket upgrade that the client's door can tunnel.
+        """
         super().__init__(core, request, client)
         self.body = body
         self.attempt = 0
@@ -192,9 +203,9 @@ class ProxyExchange(_Handled):
         self.head = b""
         self.deadline = 0.0
         self.wait = 0.0
-        self.upgrading = False  # a WebSocket upgrade the client's door can tunnel
+        self.upgrading = upgrading
         self.tunnel: Tunnel | None = None
-        self.key: KeyEntry | None = None  # the access key presented, if keys are on
+        self.key = key
         self.admission: Admitted | None = None  # its share of the key's limits
 
     # -- sending -------------------------------------------------------------------

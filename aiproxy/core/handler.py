@@ -229,7 +229,8 @@ class ProxyCore:
                 return self._refuse_access(request, client, entry, speaks_anthropic(path))
             request.record.key_id = entry.id
             key = entry
-        if is_websocket_upgrade(request.headers):
+        upgrading = is_websocket_upgrade(request.headers)
+        if upgrading:
             refusal = _tunnel_refusal(request, body, client)
             if refusal is not None:
                 return self._refuse(request, client, refusal)
@@ -237,9 +238,7 @@ class ProxyCore:
         if limit and self.proxied_in_flight >= limit:
             overloaded = f"the proxy is handling its limit of {limit} requests; retry shortly"
             return self._refuse(request, client, Overloaded(overloaded))
-        exchange = ProxyExchange(self, request, body, client)
-        exchange.key = key
-        exchange.upgrading = client.tunnels and is_websocket_upgrade(request.headers)
+        exchange = ProxyExchange(self, request, body, client, key=key, upgrading=upgrading)
         self._started(exchange)
         if limit:
             self.proxied_in_flight += 1

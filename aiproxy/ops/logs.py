@@ -191,12 +191,13 @@ class _LineObserver:
             self._lines.append(line)
             self.flush()
             return
+        size = len(line) if line.isascii() else len(line.encode())
         if not self._lines:
             reactor.callLater(0, self.flush)
-        elif self._size + len(line) * 4 > ATOMIC_WRITE:
+        elif self._size + size > ATOMIC_WRITE:
             self._write_gathered()
         self._lines.append(line)
-        self._size += len(line) if line.isascii() else len(line.encode())
+        self._size += size
 
     def flush(self) -> None:
         """Write every gathered line now."""

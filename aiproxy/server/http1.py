@@ -203,7 +203,7 @@ class HTTP11Connection(TwistedProtocol):
         self._min_rate = limits.body_min_rate
         self._body_timeout = limits.body_timeout
         self._transport: _Transport = cast(_Transport, None)
-        self._parser = HttpRequestParser(self)
+        self._llhttp = HttpRequestParser(self)
         self._requests: deque[HTTP11Request] = deque()
         self._parsing: HTTP11Request | None = None  # the request llhttp is inside
         self._upgrading: HTTP11Request | None = None
@@ -380,7 +380,7 @@ class HTTP11Connection(TwistedProtocol):
         """The head is complete: check its framing, and decide how its body is read."""
         request = self._parsing
         assert request is not None
-        parser = self._parser
+        parser = self._llhttp
         self._head_size = 0
         request.method = parser.get_method()
         url = request.url
@@ -509,7 +509,7 @@ class HTTP11Connection(TwistedProtocol):
                     view = memoryview(data)
                 piece = view[pos:cut]
             try:
-                self._parser.feed_data(piece)
+                self._llhttp.feed_data(piece)
             except HttpParserUpgrade as upgrade:
                 cut = pos + int(upgrade.args[0])
                 self._upgraded()
@@ -535,10 +535,10 @@ class HTTP11Connection(TwistedProtocol):
         """
         request, self._upgrading = self._upgrading, None
         if request is None or request.state != _BODY:
-            self._parser = HttpRequestParser(self)
+            self._llhttp = HttpRequestParser(self)
             return
         after = _AfterUpgrade(self)
-        self._parser = parser = HttpRequestParser(after)
+        self._llhttp = parser = HttpRequestParser(after)
         if request.chunked:
             parser.feed_data(b"PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
         else:

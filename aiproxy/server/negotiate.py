@@ -56,14 +56,14 @@ class NegotiatingProtocol(Protocol):
     """
 
     def __init__(self, factory: NegotiatingFactory, addr: IAddress | None) -> None:
-        self._factory = factory
+        self._owner = factory
         self._addr = addr
         self._chosen: Any = None
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         """Give the client a while to handshake and start."""
-        self._timer = self._factory.clock.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
+        self._timer = self._owner.clock.callLater(HANDSHAKE_TIMEOUT, self._too_slow)
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -82,7 +82,7 @@ class NegotiatingProtocol(Protocol):
             self._timer.cancel()
             self._timer = None
         transport: Any = self.transport
-        factory = self._factory
+        factory = self._owner
         if getattr(transport, "negotiatedProtocol", None) == b"h2":
             chosen: Any = factory.http2.buildProtocol(self._addr)
         else:

@@ -382,7 +382,7 @@ class UpstreamConnection(Protocol):
         self.tls = tls
         self._handshake_done = not tls
         self._transport: _Transport | None = None
-        self._parser: HttpResponseParser | None = HttpResponseParser(self)
+        self._llhttp: HttpResponseParser | None = HttpResponseParser(self)
         self._fresh_parser = False
         self._state = _IDLE
         self._lost = False
@@ -453,7 +453,7 @@ class UpstreamConnection(Protocol):
         state = self._state
         self._state = _CLOSED
         self._lost = True
-        self._parser = None
+        self._llhttp = None
         if state == _IDLE:
             self._owner.forget(self)
         elif state == _TUNNEL:
@@ -528,7 +528,7 @@ class UpstreamConnection(Protocol):
         self._extra = False
         if self._fresh_parser:
             # After a HEAD response llhttp still expects the body its head described.
-            self._parser = HttpResponseParser(self)
+            self._llhttp = HttpResponseParser(self)
             self._fresh_parser = False
         transport = self._transport
         assert transport is not None
@@ -647,7 +647,7 @@ class UpstreamConnection(Protocol):
             self._check_controls = True
         pieces: list[bytes] = []
         self._pieces = pieces
-        parser = cast(HttpResponseParser, self._parser)
+        parser = cast(HttpResponseParser, self._llhttp)
         failed: HttpParserError | None = None
         too_large = False
         size = self._head_size + len(data)
@@ -723,7 +723,7 @@ class UpstreamConnection(Protocol):
         self._pieces = pieces
         failed: HttpParserError | None = None
         try:
-            cast(HttpResponseParser, self._parser).feed_data(data)
+            cast(HttpResponseParser, self._llhttp).feed_data(data)
         except (HttpParserError, _ParserUpgrade) as e:
             failed = self._check_parser_error(e)
         response = cast(Response, self._response)
@@ -818,7 +818,7 @@ class UpstreamConnection(Protocol):
         """A response head is complete: skip a ``1xx``, or make the response."""
         if self._state != _HEAD:
             return
-        parser = cast(HttpResponseParser, self._parser)
+        parser = cast(HttpResponseParser, self._llhttp)
         status = parser.get_status_code()
         if status < 200:
             if status == 101:
@@ -869,7 +869,7 @@ class UpstreamConnection(Protocol):
     def on_message_complete(self) -> None:
         """A message is complete: a ``1xx``'s, or the response's."""
         if self._state == _BODY:
-            self._keep_alive = cast(HttpResponseParser, self._parser).should_keep_alive()
+            self._keep_alive = cast(HttpResponseParser, self._llhttp).should_keep_alive()
             self._state = _DONE
 
     def on_chunk_header(self) -> None:

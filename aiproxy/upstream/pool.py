@@ -97,7 +97,7 @@ class UpstreamPool:
             trust_root=trust_root,
         )
         self._idle = IdleConnections(IReactorTime(reactor), idle_timeout, max_idle)
-        self._factory = _ConnectionFactory(self._idle, where, target.scheme == "https")
+        self._protocols = _ConnectionFactory(self._idle, where, target.scheme == "https")
         self._where = where
         self._connect_timeout = connect_timeout
         self._closed = False
@@ -145,7 +145,7 @@ class UpstreamPool:
         return self._idle.close()
 
     def _connect(self) -> Deferred[IProtocol]:
-        return self._endpoint.connect(self._factory)
+        return self._endpoint.connect(self._protocols)
 
     def _connect_failure(self, failure: Failure) -> Failure | ConnectFailed:
         return connect_failure(failure, self._where, self._connect_timeout)
