@@ -7,6 +7,10 @@ TLS connection creator, the protocol factory. A request takes the most recently 
 idle connection, or opens a new one; a connection whose response completed cleanly
 (see :mod:`aiproxy.upstream.connection`) comes back to the idle set, which closes the
 connections idle for ``idle_timeout`` seconds in one sweep.
+
+A pool may be given ``max_connections``: then a request that finds no idle connection
+and no free slot waits, first come first served, for a connection to come free (it is
+handed over directly) or to go away (the request opens a new one in its place).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.internet.ssl import Certificate
 from twisted.python.failure import Failure
 
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from aiproxy.config import Config
     from aiproxy.core.interfaces import RequestBody, UpstreamResponse
     from aiproxy.rules.target import Target
+    from aiproxy.upstream.connection import ConnectionOwner
 
 __all__ = ["IdleConnections", "UpstreamPool", "upstream_endpoint"]
 
@@ -60,8 +65,17 @@ class UpstreamPool:
     Sends requests to the one upstream over kept-alive HTTP/1.1 connections
     (``UpstreamClient``).
 
-    There is no bound on how many connections are open at once (the core bounds the
-    requests in flight); at most ``max_idle`` are kept for reuse.
+    Without ``max_connections`` there is no bound on how many connections are open at
+    once (the core bounds the requests in flight); at most ``max_idle`` are kept for
+    reuse.
+
+    With ``max_connections``, connections being opened, busy, idle, or carrying a
+    WebSocket tunnel all hold a slot until they are closed or fail to connect. A request
+    that finds no idle connection and no free slot waits in a first-in first-out queue:
+    a connection whose response completed cleanly goes straight to the first waiting
+    request (never to the idle set while one waits), and a slot freed by a connection
+    that goes away goes to the first waiting request, which opens a new connection.
+    (While a request waits no connection is idle, so none has to be closed for room.)
     """
 
     def __init__(
@@ -74,6 +88,7 @@ class UpstreamPool:
         idle_timeout: float = 30.0,
         max_idle: int = 64,
         trust_root: Certificate | None = None,
+        max_connections: int | None = None,
     ) -> None:
         """
         @param reactor: provides ``IReactorTCP`` and ``IReactorTime`` (and a name
@@ -86,7 +101,12 @@ class UpstreamPool:
         @param trust_root: the certificate authority an https upstream's certificate
             must chain to; L{None}: the system's trust store. For tests, and for an
             upstream with a private CA.
+        @param max_connections: the most connections to the upstream at once, whatever
+            their state; L{None}: no limit.
+        @raise ValueError: ``max_connections`` is below 1.
         """
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         host = f"[{target.host}]" if ":" in target.host else target.host
         where = f"{host}:{target.port}"
         self._endpoint = upstream_endpoint(
@@ -96,10 +116,14 @@ class UpstreamPool:
             ssl_verify=ssl_verify,
             trust_root=trust_root,
         )
-        self._idle = IdleConnections(IReactorTime(reactor), idle_timeout, max_idle)
-        self._protocols = _ConnectionFactory(self._idle, where, target.scheme == "https")
+        self._idle = idle = IdleConnections(IReactorTime(reactor), idle_timeout, max_idle)
+        self._waiting: deque[_PendingRequest] = deque()
+        owner: ConnectionOwner = idle if max_connections is None else _Handover(self)
+        self._protocols = _ConnectionFactory(self, owner, where, target.scheme == "https")
         self._where = where
         self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._open = 0
         self._closed = False
 
     @classmethod
@@ -117,6 +141,16 @@ class UpstreamPool:
         """How many idle connections are kept right now."""
         return len(self._idle)
 
+    @property
+    def open_connections(self) -> int:
+        """How many connections exist right now: connecting, busy, idle or tunnelling."""
+        return self._open
+
+    @property
+    def waiting(self) -> int:
+        """How many requests wait for a connection (only with ``max_connections``)."""
+        return len(self._waiting)
+
     def request(self, method: bytes, head: bytes, body: RequestBody) -> Deferred[UpstreamResponse]:
         """
         Send one request and fire with its response once the final head is parsed.
@@ -127,41 +161,89 @@ class UpstreamPool:
             ``BodySource`` (chunked when its length is unknown).
         @return: fires with the response, or fails with an
             :mod:`aiproxy.upstream.errors` exception (or the body's failure);
-            cancelling it before the response head drops the connection.
+            cancelling it before the response head drops the connection (and
+            cancelling it while it waits for a slot only takes it out of the queue).
         """
         connection = self._idle.take()
         if connection is not None:
             return connection.send(method, head, body, True)
         if self._closed:
-            return fail(ConnectFailed(f"the client for {self._where} is closed"))
-        return _NewConnection(self, method, head, body).result
+            return fail(self._closed_error())
+        pending = _PendingRequest(self, method, head, body)
+        limit = self._max_connections
+        if limit is None or self._open < limit:
+            pending.connect()
+        else:
+            self._waiting.append(pending)
+        return pending.result
 
     def close(self) -> Deferred[None]:
         """
-        Close every idle connection and take no more requests; fires once the idle
-        ones are closed. Connections still carrying a response close when it ends.
+        Close every idle connection, fail the requests waiting for a slot with
+        ``ConnectFailed``, and take no more requests; fires once the idle ones are
+        closed. Connections still carrying a response close when it ends.
         """
         self._closed = True
+        waiting = self._waiting
+        while waiting:
+            waiting.popleft().fail(self._closed_error())
         return self._idle.close()
 
+    def _closed_error(self) -> ConnectFailed:
+        return ConnectFailed(f"the client for {self._where} is closed")
+
     def _connect(self) -> Deferred[IProtocol]:
-        return self._endpoint.connect(self._protocols)
+        """Open a new connection, which holds a slot until it fails or is lost."""
+        self._open += 1
+        connecting = self._endpoint.connect(self._protocols)
+        connecting.addErrback(self._not_connected)
+        return connecting
+
+    def _not_connected(self, failure: Failure) -> Failure:
+        self._release()
+        return failure
+
+    def _release(self) -> None:
+        """A connection, or an attempt at one, is gone: the first waiting request gets its slot."""
+        self._open -= 1
+        waiting = self._waiting
+        if waiting:
+            waiting.popleft().connect()
 
     def _connect_failure(self, failure: Failure) -> Failure | ConnectFailed:
         return connect_failure(failure, self._where, self._connect_timeout)
 
 
-class _NewConnection:
-    """A request waiting for a new connection; its ``result`` is what the caller gets."""
+class _PendingRequest:
+    """
+    A request without a connection yet: waiting for a slot, or for a new connection;
+    its ``result`` is what the caller gets.
+    """
 
     def __init__(self, pool: UpstreamPool, method: bytes, head: bytes, body: RequestBody) -> None:
         self.result: Deferred[UpstreamResponse] = Deferred(self._cancel)
         self._pool = pool
         self._request: tuple[bytes, bytes, RequestBody] | None = (method, head, body)
         self._connection: UpstreamConnection | None = None
+        self._connecting: Deferred[IProtocol] | None = None
         self._cancelled = False
-        self._connecting = pool._connect()
+
+    def connect(self) -> None:
+        """Open a new connection for the request."""
+        self._connecting = self._pool._connect()
         self._connecting.addCallbacks(self._connected, self._failed)
+
+    def send_on(self, connection: UpstreamConnection) -> None:
+        """Send the request on ``connection``, which has just completed a response."""
+        method, head, body = cast("tuple[bytes, bytes, RequestBody]", self._request)
+        self._request = None
+        self._connection = connection
+        connection.start(self.result, method, head, body, True)
+
+    def fail(self, error: Exception) -> None:
+        """Fail the request before it was sent."""
+        self._request = None
+        self.result.errback(error)
 
     def _connected(self, protocol: IProtocol) -> None:
         connection = cast(UpstreamConnection, protocol)
@@ -181,11 +263,51 @@ class _NewConnection:
 
     def _cancel(self, result: Deferred[UpstreamResponse]) -> None:
         connection = self._connection
+        connecting = self._connecting
         if connection is not None:
             connection.cancel(result)
-        else:
+        elif connecting is not None:
             self._cancelled = True
-            self._connecting.cancel()
+            connecting.cancel()
+        else:
+            self._request = None
+            self._pool._waiting.remove(self)
+
+
+class _Handover:
+    """
+    The owner of a limited pool's connections: a connection whose response completed
+    cleanly goes to the first waiting request, or else to the idle set.
+    """
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self._waiting = pool._waiting
+        self._idle = pool._idle
+
+    def keep(self, connection: UpstreamConnection) -> None:
+        """Send the first waiting request on ``connection``, or keep it idle."""
+        waiting = self._waiting
+        if waiting:
+            waiting.popleft().send_on(connection)
+        else:
+            self._idle.keep(connection)
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        """``connection``, which was idle, has closed."""
+        self._idle.forget(connection)
+
+
+class _PooledConnection(UpstreamConnection):
+    """A connection that gives its pool's slot back once it is lost, whatever its state."""
+
+    def __init__(self, pool: UpstreamPool, owner: ConnectionOwner, where: str, tls: bool) -> None:
+        super().__init__(owner, where, tls)
+        self._pool = pool
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """End whatever was in flight, then free the slot."""
+        super().connectionLost(reason)
+        self._pool._release()
 
 
 def connect_failure(failure: Failure, where: str, timeout: float) -> Failure | ConnectFailed:
@@ -237,14 +359,15 @@ class _ConnectionFactory(Factory):
 
     noisy = False
 
-    def __init__(self, owner: IdleConnections, where: str, tls: bool) -> None:
+    def __init__(self, pool: UpstreamPool, owner: ConnectionOwner, where: str, tls: bool) -> None:
+        self._pool = pool
         self._owner = owner
         self._where = where
         self._tls = tls
 
     def buildProtocol(self, addr: IAddress | None) -> UpstreamConnection:
-        """A new connection, kept by the pool's idle set when it is free."""
-        return UpstreamConnection(self._owner, self._where, self._tls)
+        """A new connection of the pool, given to ``owner`` when it is free."""
+        return _PooledConnection(self._pool, self._owner, self._where, self._tls)
 
 
 class IdleConnections:
