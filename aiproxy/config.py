@@ -600,6 +600,43 @@ class Config:
         _word_of(REDIS_ERROR_POLICIES),
         _one_of(REDIS_ERROR_POLICIES),
     )
+    upstreams_file: str = _setting(
+        "",
+        "UPSTREAMS_FILE",
+        "upstreams-file",
+        "TOML file of several upstreams with their keys, weights, priorities and models"
+        " (instead of TARGET_URL)",
+        str,
+    )
+    failover_on_status: tuple[int, ...] = _setting(
+        (429, 502, 503, 504),
+        "FAILOVER_ON_STATUS",
+        "failover-on-status",
+        "Upstream statuses after which a request moves to another upstream of UPSTREAMS_FILE",
+        parse_status_list,
+    )
+    max_failovers: int = _setting(
+        2,
+        "MAX_FAILOVERS",
+        "max-failovers",
+        "Times one request may move to another upstream (or upstream key)",
+        parse_int,
+        _at_least(0),
+    )
+    sticky_upstreams: bool = _setting(
+        False,
+        "STICKY_UPSTREAMS",
+        "sticky-upstreams",
+        "Keep each access key on one upstream and upstream key while they are available",
+        parse_bool,
+    )
+    upstream_name_header: bool = _setting(
+        True,
+        "UPSTREAM_NAME_HEADER",
+        "upstream-name-header",
+        "Name the upstream that answered in an X-Upstream response header",
+        parse_bool,
+    )
     listen: tuple[str, ...] = attrs.field(default=(), converter=_endpoint_strings)
     """Twisted endpoint strings to listen on; empty means ``tcp:PORT:interface=HOST``."""
 

@@ -23,6 +23,8 @@ __all__ = [
     "KeyNotPermitted",
     "KeyRefused",
     "MethodNotAllowed",
+    "ModelNotServed",
+    "NoUpstreamAvailable",
     "OriginNotAllowed",
     "Overloaded",
     "ProxyError",
@@ -140,6 +142,14 @@ class UpstreamTimeout(ProxyError):
     type = "upstream_timeout"
 
 
+class NoUpstreamAvailable(ProxyError):
+    """Every upstream of ``UPSTREAMS_FILE`` that serves the request is cooling down,
+    ejected, or has every key refused (its response says how long to wait)."""
+
+    status = 503
+    type = "upstream_unavailable"
+
+
 def error_body(error: ProxyError, request_id: bytes) -> bytes:
     """The JSON body of an error response."""
     return json.dumps(
@@ -200,6 +210,13 @@ class BodyUncheckable(AccessRefused):
 
     status = 413
     type = "request_too_large"
+
+
+class ModelNotServed(AccessRefused):
+    """No upstream of ``UPSTREAMS_FILE`` serves the model the request names."""
+
+    status = 404
+    type = "invalid_request_error"
 
 
 def api_error_body(error: AccessRefused, anthropic: bool) -> bytes:

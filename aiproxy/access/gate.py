@@ -14,8 +14,6 @@ memory for the check (``413``): the proxy never reads a streamed body whole.
 
 from __future__ import annotations
 
-import json
-
 from aiproxy.access.keys import KeyEntry, KeyRing
 from aiproxy.core.interfaces import RawHeaders
 from aiproxy.errors import (
@@ -25,6 +23,7 @@ from aiproxy.errors import (
     KeyNotPermitted,
     KeyRefused,
 )
+from aiproxy.rules.model import requested_model
 from aiproxy.rules.websocket import take_subprotocol_key
 
 __all__ = ["ANTHROPIC_PATH", "authorize", "presented_keys", "speaks_anthropic"]
@@ -115,7 +114,7 @@ def _model_refusal(entry: KeyEntry, body: bytes | None) -> AccessRefused | None:
         )
     if not body:
         return None
-    model = _model_of(body)
+    model = requested_model(body)
     if model is None:
         return KeyNotPermitted(
             "This API key may only use some models; the request body must be a JSON"
@@ -132,13 +131,3 @@ def _model_refusal(entry: KeyEntry, body: bytes | None) -> AccessRefused | None:
             entry.id,
         )
     return None
-
-
-def _model_of(body: bytes) -> str | None:
-    """The ``model`` named by a JSON object body; L{None} if there is none."""
-    try:
-        document = json.loads(body)
-    except ValueError:
-        return None
-    model = document.get("model") if isinstance(document, dict) else None
-    return model if isinstance(model, str) else None

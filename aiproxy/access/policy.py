@@ -59,9 +59,12 @@ class AccessPolicy:
         return self.keys is not None
 
 
-def access_policy(config: Config) -> AccessPolicy:
+def access_policy(config: Config, upstream_keys: bool = False) -> AccessPolicy:
     """
     The policy ``config`` describes, with the key file read.
+
+    @param upstream_keys: ``UPSTREAMS_FILE`` gives keys for its upstreams (an open
+        relay would spend them as it would ``UPSTREAM_API_KEY``).
 
     @raise ConfigError: contradictory settings, a key file or upstream key file that
         cannot be read or is invalid, or an open relay.
@@ -75,11 +78,12 @@ def access_policy(config: Config) -> AccessPolicy:
         except KeyFileError as e:
             raise ConfigError(f"ACCESS_KEYS_FILE (--access-keys-file): {e}") from None
     upstream_key = _upstream_key(config)
-    if upstream_key and keys is None and config.auth != "none":
+    if (upstream_key or upstream_keys) and keys is None and config.auth != "none":
         public = [e for e in config.endpoints if not loopback_only(e)]
         if public:
+            held = "UPSTREAM_API_KEY is set" if upstream_key else "UPSTREAMS_FILE has keys"
             raise ConfigError(
-                f"UPSTREAM_API_KEY is set and no ACCESS_KEYS_FILE, so anyone reaching"
+                f"{held} and no ACCESS_KEYS_FILE, so anyone reaching"
                 f" {public[0]} could spend it: set ACCESS_KEYS_FILE, listen on loopback"
                 f" only, or set AUTH=none"
             )

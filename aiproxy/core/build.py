@@ -16,6 +16,7 @@ from aiproxy.core.handler import ProxyCore
 from aiproxy.core.interfaces import Endpoint, UpstreamClient
 from aiproxy.ops.docs import docs_endpoints
 from aiproxy.ops.metrics import ProxyMetrics, SharedMetrics, metrics_endpoint
+from aiproxy.routing.routes import Routes
 from aiproxy.rules.cors import CorsPolicy
 from aiproxy.rules.retry import RetryPolicy
 
@@ -28,6 +29,7 @@ def build_core(
     clock: IReactorTime,
     activity: Activity | None = None,
     shared_metrics: SharedMetrics | None = None,
+    routes: Routes | None = None,
 ) -> ProxyCore:
     """
     The core that ``config`` describes: ``/api/health`` and ``/api/ping``, the metrics
@@ -38,12 +40,17 @@ def build_core(
     Access keys and the upstream key come from ``config`` (see
     :func:`aiproxy.access.policy.access_policy`, whose ``ConfigError`` this raises).
     ``/api/health`` says ``draining`` once ``activity`` does. With ``shared_metrics`` (a
-    worker process), ``/api/metrics`` adds in what the other workers published.
+    worker process), ``/api/metrics`` adds in what the other workers published. With
+    ``routes`` (``UPSTREAMS_FILE``), requests go to its upstreams instead of
+    ``upstream``, and ``/api/health`` and the metrics report each of them.
     """
     activity = Activity() if activity is None else activity
     endpoints: dict[bytes, Endpoint] = {
         b"/api/health": health_endpoint(
-            config, activity, (lambda: _redis_state(core)) if config.redis_url else None
+            config,
+            activity,
+            (lambda: _redis_state(core)) if config.redis_url else None,
+            (lambda: routes.router.report()) if routes is not None else None,
         ),
         b"/api/ping": ping_endpoint(),
     }
@@ -65,7 +72,14 @@ def build_core(
         max_concurrent_requests=config.max_concurrent_requests,
         log_requests=config.twisted_log_level <= LogLevel.info,
         debug=config.twisted_log_level <= LogLevel.debug,
-        access=access_policy(config),
+        access=access_policy(
+            config, routes is not None and any(u.keys for u in routes.router.upstreams)
+        ),
+        routes=routes,
+        failover_on_status=config.failover_on_status,
+        max_failovers=config.max_failovers,
+        sticky_upstreams=config.sticky_upstreams,
+        upstream_name_header=config.upstream_name_header,
     )
     if core.access_keys is not None:
         core.limiter = _limiter(config, clock)
@@ -76,6 +90,7 @@ def build_core(
             shared=shared_metrics,
             active_tunnels=lambda: core.active_tunnels,
             limiter_errors=lambda: getattr(core.limiter, "errors", 0),
+            upstream_states=(lambda: routes.router.report()) if routes is not None else None,
         )
         endpoints[b"/api/metrics"] = metrics_endpoint(core.metrics)
     if config.enable_docs:

@@ -118,14 +118,19 @@ def health_document(config: Config, draining: bool = False) -> dict[str, object]
 
 
 def health_endpoint(
-    config: Config, activity: Activity, redis: Callable[[], str] | None = None
+    config: Config,
+    activity: Activity,
+    redis: Callable[[], str] | None = None,
+    upstreams: Callable[[], list[dict[str, object]]] | None = None,
 ) -> Endpoint:
     """
     ``GET /api/health``: the proxy is up, and where it sends requests. ``503`` with
     ``"status": "draining"`` once a graceful shutdown has begun, so that a load
     balancer that still reaches this process takes it out of rotation. With ``redis``
     (the per-key limits are in Redis), ``"redis"`` says what it last did: ``reachable``,
-    ``unreachable`` or ``unused`` (not asked yet).
+    ``unreachable`` or ``unused`` (not asked yet). With ``upstreams`` (several, from
+    ``UPSTREAMS_FILE``), ``"upstreams"`` gives each one's state and its keys'
+    (see :meth:`aiproxy.routing.choose.Router.report`).
     """
     healthy = health_document(config)
     draining = health_document(config, draining=True)
@@ -134,6 +139,8 @@ def health_endpoint(
         document = draining if activity.draining else healthy
         if redis is not None:
             document = {**document, "redis": redis()}
+        if upstreams is not None:
+            document = {**document, "upstreams": upstreams()}
         return json_response(document, 503 if activity.draining else 200)
 
     return health

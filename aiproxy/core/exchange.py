@@ -9,6 +9,7 @@ same way: the completion record is filled in, logged and counted once.
 
 from __future__ import annotations
 
+import math
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,13 @@ from twisted.python.failure import Failure
 
 from aiproxy.access.gate import speaks_anthropic
 from aiproxy.access.limits import Admitted, Refusal, has_limits, token_estimate
-from aiproxy.access.redis import Unavailable
-from aiproxy.core.endpoints import error_response, http_date, rate_limit_response
+from aiproxy.access.redis import Unavailable as LimiterUnavailable
+from aiproxy.core.endpoints import (
+    access_refusal_response,
+    error_response,
+    http_date,
+    rate_limit_response,
+)
 from aiproxy.core.failures import Retry, classify, describe
 from aiproxy.core.interfaces import (
     ClientSide,
@@ -31,8 +37,16 @@ from aiproxy.core.interfaces import (
     UpstreamResponse,
 )
 from aiproxy.core.tunnel import Tunnel
-from aiproxy.errors import InternalError, ProxyError, RateLimiterUnavailable, UpstreamTimeout
+from aiproxy.errors import (
+    InternalError,
+    ModelNotServed,
+    NoUpstreamAvailable,
+    ProxyError,
+    RateLimiterUnavailable,
+    UpstreamTimeout,
+)
 from aiproxy.ops.logger import log
+from aiproxy.routing.choose import Choice, NotServed, Router, Unavailable
 from aiproxy.rules.cors import add_response_headers, response_headers
 from aiproxy.rules.headers import (
     UPGRADE_TO_WEBSOCKET,
@@ -43,6 +57,7 @@ from aiproxy.rules.headers import (
     upstream_request_headers,
     with_rate_limits,
 )
+from aiproxy.rules.model import requested_model
 from aiproxy.rules.redact import redact_url
 from aiproxy.rules.retry import retry_after
 from aiproxy.rules.usage import Usage, UsageMeter, usage_meter
@@ -51,11 +66,14 @@ from aiproxy.rules.websocket import take_subprotocol_key
 if TYPE_CHECKING:
     from aiproxy.access.keys import KeyEntry
     from aiproxy.core.handler import ProxyCore
+    from aiproxy.routing.routes import Route
 
 __all__ = ["LocalAnswer", "ProxyExchange"]
 
 
 _NO_BODY_STATUSES = frozenset({204, 304})
+_KEY_STATUSES = frozenset({401, 403, 429})
+"""Upstream statuses about the key a request used, not the upstream as a whole."""
 
 
 class _Handled:
@@ -144,11 +162,14 @@ class ProxyExchange(_Handled):
     A request forwarded to the upstream, and its response relayed as it arrives.
 
     Attempts are sent until one gives a response or the retry rules
-    (:mod:`aiproxy.core.failures`, ``RETRY_ON_STATUS``) say to stop; the response head
-    must come within ``REQUEST_TIMEOUT`` (``TOTAL_TIMEOUT`` if sooner) of the request's
-    arrival. The body is relayed piece by piece with the client's flow control pausing
-    the upstream; it is cut off after ``STREAM_IDLE_TIMEOUT`` seconds without data and at
-    ``TOTAL_TIMEOUT``. When the client leaves, the upstream request is dropped at once.
+    (:mod:`aiproxy.core.failures`, ``RETRY_ON_STATUS``) say to stop; with several
+    upstreams (``UPSTREAMS_FILE``) an attempt that failed where the same rules allow it
+    goes at once to another upstream or key (``FAILOVER_ON_STATUS``, ``MAX_FAILOVERS``),
+    before any retry. The response head must come within ``REQUEST_TIMEOUT``
+    (``TOTAL_TIMEOUT`` if sooner) of the request's arrival. The body is relayed piece
+    by piece with the client's flow control pausing the upstream; it is cut off after
+    ``STREAM_IDLE_TIMEOUT`` seconds without data and at ``TOTAL_TIMEOUT``. When the
+    client leaves, the upstream request is dropped at once.
     """
 
     __slots__ = (
@@ -157,17 +178,24 @@ class ProxyExchange(_Handled):
         "attempt",
         "body",
         "bytes_out",
+        "choice",
         "deadline",
-        "head",
+        "failovers",
         "headers_timer",
         "key",
         "meter",
+        "model",
         "pending",
         "response",
         "retry_timer",
+        "route",
+        "router",
+        "sticky",
         "stream",
         "timed_out",
         "total_timer",
+        "tried",
+        "tried_keys",
         "tunnel",
         "upgrading",
         "wait",
@@ -200,38 +228,39 @@ class ProxyExchange(_Handled):
         self.bytes_out = 0
         self.active = False
         self.stream = False
-        self.head = b""
         self.deadline = 0.0
         self.wait = 0.0
         self.upgrading = upgrading
         self.tunnel: Tunnel | None = None
         self.key = key
         self.admission: Admitted | None = None  # its share of the key's limits
+        self.route: Route = core.route  # where the attempt goes
+        # With several upstreams: what the router chose for the attempt, the router
+        # (a reload replaces it), the request's model, and what its attempts failed at.
+        self.choice: Choice | None = None
+        self.router: Router | None = None
+        self.model: str | None = None
+        self.sticky: str | None = None
+        self.failovers = 0
+        self.tried: tuple[str, ...] = ()
+        self.tried_keys: tuple[str, ...] = ()
 
     # -- sending -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Send the first attempt."""
+        """Send the first attempt, once the key's limits admit it; a model that no
+        upstream serves is answered ``404`` at once."""
         core = self.core
-        request = self.request
-        body = self.body
-        sent = request.headers
-        if self.upgrading and core.upstream_credentials is not None:
-            sent = take_subprotocol_key(sent)[1]  # the client's key never goes upstream
-        headers = upstream_request_headers(
-            sent,
-            client_ip=None if request.peer is None else request.peer.encode("ascii"),
-            scheme=request.scheme,
-            request_id=request.request_id,
-            credentials=core.upstream_credentials,
-        )
-        if self.upgrading:
-            headers += UPGRADE_TO_WEBSOCKET
-        length = len(body) if isinstance(body, bytes) else body.length
-        target = core.target
-        self.head = request_head(
-            request.method, target.prefix + request.target, core.host_header, headers, length
-        )
+        routes = core.routes
+        if routes is not None:
+            body = self.body
+            if routes.reads_model and isinstance(body, bytes) and body:
+                self.model = model = requested_model(body)
+                if model is not None and not routes.router.serves(model):
+                    self._not_served(model)
+                    return
+            if core.sticky_upstreams and self.key is not None:
+                self.sticky = self.key.id
         wait = core.request_timeout
         clock = core.clock
         if core.total_timeout:
@@ -262,13 +291,13 @@ class ProxyExchange(_Handled):
         else:
             self._admitted(result)
 
-    def _admitted(self, result: Admitted | Refusal | Unavailable) -> None:
+    def _admitted(self, result: Admitted | Refusal | LimiterUnavailable) -> None:
         if isinstance(result, Refusal):
             assert self.key is not None
             self.request.record.auth_refusal = result.kind
             anthropic = speaks_anthropic(self.request.target.partition(b"?")[0])
             self.answer(rate_limit_response(result, self.key.id, anthropic))
-        elif isinstance(result, Unavailable):
+        elif isinstance(result, LimiterUnavailable):
             self.answer_error(RateLimiterUnavailable(result.reason))
         elif self.done:  # the client left while the limiter answered
             result.release()
@@ -277,24 +306,135 @@ class ProxyExchange(_Handled):
             self._send()
 
     def _send(self) -> None:
+        """Send an attempt: to the one upstream, or where the router chooses."""
         self.retry_timer = None
-        d = self.core.upstream.request(self.request.method, self.head, self.body)
+        routes = self.core.routes
+        if routes is None:
+            self._send_to(self.route, None)
+            return
+        self.router = routes.router
+        choice = routes.router.choose(self.model, sticky=self.sticky)
+        if isinstance(choice, Choice):
+            self._send_to(routes.route(choice), choice)
+        elif isinstance(choice, NotServed):  # the file was reloaded without it
+            self._not_served(choice.model)
+        else:
+            self._unavailable(choice)
+
+    def _send_to(self, route: Route, choice: Choice | None) -> None:
+        """Send an attempt to ``route``, with the key ``choice`` names if it does."""
+        core = self.core
+        request = self.request
+        self.route = route
+        self.choice = choice
+        credentials = core.upstream_credentials
+        if choice is not None:
+            request.record.upstream = choice.upstream.name
+            if choice.key is not None:
+                credentials = [choice.key.header(choice.upstream.auth_header)]
+        sent = request.headers
+        if self.upgrading and credentials is not None:
+            sent = take_subprotocol_key(sent)[1]  # the client's key never goes upstream
+        headers = upstream_request_headers(
+            sent,
+            client_ip=None if request.peer is None else request.peer.encode("ascii"),
+            scheme=request.scheme,
+            request_id=request.request_id,
+            credentials=credentials,
+        )
+        if self.upgrading:
+            headers += UPGRADE_TO_WEBSOCKET
+        body = self.body
+        length = len(body) if isinstance(body, bytes) else body.length
+        head = request_head(
+            request.method, route.target.prefix + request.target, route.host, headers, length
+        )
+        d = route.client.request(request.method, head, body)
         self.pending = d
         d.addCallbacks(self._got_response, self._attempt_failed)
         d.addErrback(self._bug)
 
     def _url(self) -> str:
         """The upstream URL of this request, for the log (secrets redacted)."""
-        target = self.core.target
+        target = self.route.target
         return redact_url(target.origin + target.prefix + self.request.target)
 
-    def _may_retry(self, rule: Retry) -> bool:
+    def _may_repeat(self, rule: Retry) -> bool:
+        """Whether ``rule`` lets this request be sent again, body included."""
         body = self.body
-        return (
-            self.attempt < self.core.retry_policy.max_retries
-            and rule.allows(self.request.method)
-            and (isinstance(body, bytes) or body.replayable())
+        return rule.allows(self.request.method) and (isinstance(body, bytes) or body.replayable())
+
+    def _may_retry(self, rule: Retry) -> bool:
+        return self.attempt < self.core.retry_policy.max_retries and self._may_repeat(rule)
+
+    def _fail_over(self, rule: Retry, reason: str, *, key_only: bool = False) -> bool:
+        """
+        Send the request at once to the next choice of the router, skipping the
+        upstream that failed it (only its key when ``key_only``), if ``rule`` allows
+        sending it again and ``MAX_FAILOVERS`` and the deadline allow another attempt;
+        whether it was sent.
+        """
+        core = self.core
+        routes = core.routes
+        failed = self.choice
+        if (
+            routes is None
+            or failed is None
+            or self.failovers >= core.max_failovers
+            or core.clock.seconds() >= self.deadline
+            or not self._may_repeat(rule)
+        ):
+            return False
+        name = failed.upstream.name
+        if key_only and failed.key is not None:
+            self.tried_keys += (failed.key.fingerprint,)
+        else:
+            self.tried += (name,)
+        self.router = routes.router
+        choice = routes.router.choose(
+            self.model, sticky=self.sticky, tried=self.tried, tried_keys=self.tried_keys
         )
+        if not isinstance(choice, Choice):
+            return False
+        self.failovers += 1
+        record = self.request.record
+        record.failed_over_from += (name,)
+        log.warn(
+            "Failing over {method} {url} from upstream {failed} to {upstream}: {reason}"
+            " [ID: {request_id}]",
+            method=self.request.method.decode("ascii", "replace"),
+            url=self._url(),
+            failed=name,
+            upstream=choice.upstream.name,
+            reason=reason,
+            request_id=record.request_id,
+        )
+        self._send_to(routes.route(choice), choice)
+        return True
+
+    def _not_served(self, model: str) -> None:
+        """Answer ``404 model_not_found``: no upstream serves ``model``."""
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        refusal = ModelNotServed(
+            f"The model {shown!r} is not served by this proxy.", "model_not_found", "model"
+        )
+        anthropic = speaks_anthropic(self.request.target.partition(b"?")[0])
+        self.answer(access_refusal_response(refusal, anthropic))
+
+    def _unavailable(self, unavailable: Unavailable) -> None:
+        """Answer ``503``: every upstream that serves the request is cooling down,
+        ejected or without a usable key; ``Retry-After`` says until when."""
+        self.request.record.upstream_error = "no_upstream_available"
+        error = NoUpstreamAvailable(
+            "every upstream that serves this request is unavailable for now (cooling down"
+            " after 429s, failing, or its keys refused); retry later"
+        )
+        response = error_response(error, self.request.request_id)
+        wait = unavailable.retry_after
+        if wait != float("inf"):
+            seconds = max(1, math.ceil(wait))
+            response.headers.append((b"Retry-After", b"%d" % seconds))
+        self.answer(response)
 
     def _retry(self, delay: float, reason: str) -> bool:
         """Send the request again after ``delay`` unless that is too late; whether it will."""
@@ -320,7 +460,10 @@ class ProxyExchange(_Handled):
 
     def _attempt_failed(self, failure: Failure) -> None:
         self.pending = None
+        choice = self.choice
         if self.done:
+            if choice is not None:
+                self._judged().abandoned(choice)
             return
         exception: BaseException = failure.value  # type: ignore[assignment]
         if self.timed_out:
@@ -328,6 +471,13 @@ class ProxyExchange(_Handled):
                 f"the upstream sent no response headers within {self.wait:g}s"
             )
         verdict = classify(exception)
+        if choice is not None:
+            if verdict.kind is None or verdict.kind == "internal":
+                self._judged().abandoned(choice)
+            else:
+                self._judged().failed(choice)
+                if self._fail_over(verdict.failover, verdict.reason):
+                    return
         if self._may_retry(verdict.retry):
             delay = self.core.retry_policy.backoff(self.attempt + 1)
             if self._retry(delay, verdict.reason):
@@ -366,13 +516,32 @@ class ProxyExchange(_Handled):
 
     # -- the response --------------------------------------------------------------
 
+    def _judged(self) -> Router:
+        """The router that chose the attempt, to be told how it went."""
+        assert self.router is not None
+        return self.router
+
     def _got_response(self, response: UpstreamResponse) -> None:
         self.pending = None
+        core = self.core
+        status = response.status
+        choice = self.choice
+        if choice is not None:
+            self._upstream_answered(choice, status, response.headers)
         if self.done:
             response.abort()
             return
-        core = self.core
-        status = response.status
+        if (
+            choice is not None
+            and status in core.failover_on_status
+            and self._fail_over(
+                Retry.ALWAYS,
+                f"the upstream answered {status}",
+                key_only=status in _KEY_STATUSES,
+            )
+        ):
+            response.abort()  # its body is not wanted
+            return
         if status in core.retry_policy.retry_on_status and self._may_retry(Retry.ALWAYS):
             asked = retry_after(response.headers, core.clock.seconds())
             delay = core.retry_policy.backoff(self.attempt + 1) if asked is None else asked
@@ -399,6 +568,8 @@ class ProxyExchange(_Handled):
         headers = self.own_headers(client_response_headers(upstream_headers))
         if self.admission is not None:
             headers = with_rate_limits(headers, self.admission.headers)
+        if choice is not None and core.upstream_name_header:
+            headers.append((b"X-Upstream", choice.upstream.name.encode()))
         self.response = response
         has_body = response.has_body
         self.client.send_head(status, response.reason, headers, response.length, has_body)
@@ -412,6 +583,21 @@ class ProxyExchange(_Handled):
         response.deliver(self)
         if not self.done:
             self.client.flush()
+
+    def _upstream_answered(self, choice: Choice, status: int, headers: RawHeaders) -> None:
+        """Tell the router what the upstream answered (a ``429`` cools its key for the
+        wait it asks, a ``401``/``403`` disables the key: logged, by fingerprint)."""
+        wait = retry_after(headers, self.core.clock.seconds()) if status == 429 else None
+        self._judged().answered(choice, status, wait)
+        if status in (401, 403) and choice.key is not None:
+            log.error(
+                "Upstream {upstream} refused its key {fingerprint} ({status}): the key is"
+                " not used again until the upstreams file is reloaded [ID: {request_id}]",
+                upstream=choice.upstream.name,
+                fingerprint=choice.key.fingerprint,
+                status=status,
+                request_id=self.request.record.request_id,
+            )
 
     def _open_tunnel(self, response: UpstreamResponse, upstream: TunnelEnd) -> None:
         """The upstream switched to WebSocket: relay its ``101`` as sent, then bytes."""

@@ -49,12 +49,20 @@ class Verdict:
     @ivar error: what the client is told, if it is still there.
     @ivar retry: whether the request may be sent again.
     @ivar reason: one line for the log (and the retry's log line), secrets redacted.
+    @ivar failover: whether the request may go to another upstream instead; as
+        ``retry``, except that a request that never reached the upstream may always go
+        elsewhere (a TLS failure would fail again there, not at another upstream).
     """
 
     kind: str | None
     error: ProxyError
     retry: Retry
     reason: str
+    failover: Retry = attrs.field()
+
+    @failover.default
+    def _same_as_retry(self) -> Retry:
+        return self.retry
 
 
 def classify(failure: BaseException) -> Verdict:
@@ -63,7 +71,7 @@ def classify(failure: BaseException) -> Verdict:
     if isinstance(failure, ConnectFailed):
         retry = Retry.NEVER if failure.kind == "tls" else Retry.ALWAYS
         error = UpstreamUnreachable(f"cannot connect to the upstream: {text}")
-        return Verdict(failure.kind, error, retry, f"cannot connect: {text}")
+        return Verdict(failure.kind, error, retry, f"cannot connect: {text}", Retry.ALWAYS)
     if isinstance(failure, StaleConnection):
         error = UpstreamUnreachable(f"the upstream closed the connection: {text}")
         reason = f"kept-alive connection closed by the upstream: {text}"

@@ -7,7 +7,7 @@ same way whichever door it came by.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +41,7 @@ from aiproxy.errors import (
     WebSocketNotSupported,
 )
 from aiproxy.ops.logger import log
+from aiproxy.routing.routes import Route, Routes
 from aiproxy.rules.cors import (
     CorsPolicy,
     add_response_headers,
@@ -89,13 +90,25 @@ class ProxyCore:
     @param debug: whether ``DEBUG`` lines are logged at all (likewise).
     @param access: who may use the proxy (access keys), and which credentials go
         upstream; L{None}: anyone, with their own credentials.
+    @param routes: the upstreams of ``UPSTREAMS_FILE``, which requests go to instead
+        of ``target``; L{None}: ``target`` only.
+    @param failover_on_status: with ``routes``, the upstream statuses after which a
+        request goes to another upstream or key (``FAILOVER_ON_STATUS``).
+    @param max_failovers: with ``routes``, how many times one request may
+        (``MAX_FAILOVERS``).
+    @param sticky_upstreams: with ``routes``, keep each access key on one upstream and
+        upstream key (``STICKY_UPSTREAMS``).
+    @param upstream_name_header: with ``routes``, name the upstream that answered in
+        ``X-Upstream`` (``UPSTREAM_NAME_HEADER``).
 
     @ivar access_keys: the access keys clients must present (L{None}: none).
     @ivar limiter: where the keys' limits are counted (L{None}: no limits).
     @ivar default_max_tokens: the completion tokens a request that names no
         ``max_tokens`` reserves under a token limit.
     @ivar upstream_credentials: sent upstream instead of every client credential
-        (L{None}: the client's own pass through).
+        (L{None}: the client's own pass through); an upstream key of ``routes`` takes
+        their place when the upstream has one.
+    @ivar route: the route to ``target``.
     @ivar cancelled: upstream requests cancelled because their client went away.
     @ivar retries: upstream requests sent again.
     @ivar active_streams: event streams being relayed now.
@@ -123,10 +136,19 @@ class ProxyCore:
         log_requests: bool = True,
         debug: bool = False,
         access: AccessPolicy | None = None,
+        routes: Routes | None = None,
+        failover_on_status: Collection[int] = (),
+        max_failovers: int = 0,
+        sticky_upstreams: bool = False,
+        upstream_name_header: bool = True,
     ) -> None:
         self.target = target
-        self.host_header = _host_header(target)
-        self.upstream = upstream
+        self.route = Route.to(None, target, upstream)
+        self.routes = routes
+        self.failover_on_status = frozenset(failover_on_status)
+        self.max_failovers = max_failovers
+        self.sticky_upstreams = sticky_upstreams
+        self.upstream_name_header = upstream_name_header
         self.clock = clock
         self.activity = Activity() if activity is None else activity
         self.endpoints = dict(endpoints or {})
@@ -337,11 +359,6 @@ def _empty_ok(request: Incoming) -> LocalResponse:
 
 
 _EMPTY_OK: Endpoint = _empty_ok
-
-
-def _host_header(target: Target) -> bytes:
-    """The ``Host`` header for ``target``: its host, and its port unless the default."""
-    return target.origin.partition(b"://")[2]
 
 
 def _tunnel_refusal(request: Incoming, body: RequestBody, client: ClientSide) -> ProxyError | None:

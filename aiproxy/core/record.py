@@ -40,6 +40,8 @@ class RequestRecord:
         ``unknown``, ``expired``, ``model``...), if it was.
     @ivar tunnel_closed_by: for a WebSocket tunnel, which side ended it (``client``,
         ``upstream`` or ``proxy``).
+    @ivar upstream: with several upstreams, the name of the one the last attempt went to.
+    @ivar failed_over_from: the upstreams the request failed over from, in order.
     """
 
     method: str = "-"
@@ -60,6 +62,8 @@ class RequestRecord:
     key_id: str | None = None
     auth_refusal: str | None = None
     tunnel_closed_by: str | None = None
+    upstream: str | None = None
+    failed_over_from: tuple[str, ...] = ()
 
     def log_fields(self) -> dict[str, Any]:
         """The record as the named fields of a log event (and of a JSON log line)."""
@@ -84,6 +88,8 @@ class RequestRecord:
             "key_id": self.key_id,
             "auth_refusal": self.auth_refusal,
             "tunnel_closed_by": self.tunnel_closed_by,
+            "upstream": self.upstream,
+            "failed_over_from": ", ".join(self.failed_over_from) or None,
         }
 
     def log_format(self) -> str:
@@ -101,6 +107,8 @@ class RequestRecord:
             text += " [Key: {key_id}]"
         if self.auth_refusal is not None:
             text += " [Refused: {auth_refusal}]"
+        if self.upstream is not None:
+            text += " [Via: {upstream}]"
         if self.upstream_status is not None:
             text += " [Upstream: {upstream_status} after {upstream_headers_after:.3f}s]"
         elif self.upstream_error is not None:
@@ -114,6 +122,8 @@ class RequestRecord:
                 text += " [Tokens: {prompt_tokens} prompt, {completion_tokens} completion]"
         if self.retries:
             text += " [Retries: {retries}]"
+        if self.failed_over_from:
+            text += " [Failed over from: {failed_over_from}]"
         if self.tunnel_closed_by is not None:
             text += " [Tunnel closed by: {tunnel_closed_by}]"
         return text

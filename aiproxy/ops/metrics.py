@@ -5,7 +5,8 @@ Every label value comes from a bounded set: methods outside the standard ones ar
 counted as ``OTHER``, statuses are three-digit codes, and model names (chosen by
 clients and upstreams) get a label of their own only for the first
 :data:`MAX_MODELS` seen; later ones are counted under ``other``; so do access key ids
-beyond the first :data:`MAX_KEY_IDS`.
+beyond the first :data:`MAX_KEY_IDS`, and upstream names (of ``UPSTREAMS_FILE``, which
+may change while the proxy runs) beyond the first :data:`MAX_UPSTREAMS`.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from twisted.internet.task import LoopingCall
 from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse
 from aiproxy.core.record import RequestRecord
 from aiproxy.ops.logger import log
+from aiproxy.routing.health import COOLING, DISABLED, EJECTED, HALF_OPEN, HEALTHY
 from aiproxy.rules.headers import header_values
 
 __all__ = [
     "LATENCY_BUCKETS",
     "MAX_KEY_IDS",
     "MAX_MODELS",
+    "MAX_UPSTREAMS",
     "LatencyHistogram",
     "MetricsPublisher",
     "ProxyMetrics",
@@ -58,11 +61,16 @@ MAX_MODELS = 100
 MAX_KEY_IDS = 100
 """Distinct access key ids that get a label value of their own."""
 
+MAX_UPSTREAMS = 100
+"""Distinct upstream names that get a label value of their own."""
+
 PUBLISH_INTERVAL = 1.0
 """Seconds between two snapshots a worker publishes for its siblings."""
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+_UPSTREAM_STATES = (HEALTHY, COOLING, DISABLED, EJECTED, HALF_OPEN)
 
 
 class LatencyHistogram:
@@ -85,7 +93,7 @@ class LatencyHistogram:
 Snapshot = dict[str, Any]
 """One process's metrics as plain JSON data (see :meth:`ProxyMetrics.snapshot`)."""
 
-_GAUGES = ("active_requests", "active_streams", "active_tunnels")
+_GAUGES = ("active_requests", "active_streams", "active_tunnels", "upstream_states")
 
 
 class ProxyMetrics:
@@ -98,9 +106,14 @@ class ProxyMetrics:
     ``registry`` (a new one if not given). With ``shared`` (worker processes), what
     the other workers last published is added in.
 
+    With several upstreams (``UPSTREAMS_FILE``), requests whose record names an
+    upstream are also counted by upstream, and ``upstream_states`` gives each one's
+    state (see :meth:`aiproxy.routing.choose.Router.report`).
+
     @param active_streams: how many event streams are being relayed now (read at
-        scrape time), and likewise ``active_tunnels`` (WebSocket tunnels open) and
-        ``limiter_errors`` (checks of the per-key limits that Redis did not answer).
+        scrape time), and likewise ``active_tunnels`` (WebSocket tunnels open),
+        ``limiter_errors`` (checks of the per-key limits that Redis did not answer) and
+        ``upstream_states`` (each upstream's ``name`` and ``state``).
     """
 
     def __init__(
@@ -110,10 +123,12 @@ class ProxyMetrics:
         shared: SharedMetrics | None = None,
         active_tunnels: Callable[[], int] = lambda: 0,
         limiter_errors: Callable[[], int] = lambda: 0,
+        upstream_states: Callable[[], list[dict[str, object]]] | None = None,
     ) -> None:
         self.active_streams = active_streams
         self.active_tunnels = active_tunnels
         self.limiter_errors = limiter_errors
+        self.upstream_states = upstream_states
         self.tunnels_closed: dict[str, int] = {}
         self.tunnel_bytes = {"in": 0, "out": 0}
         self.shared = shared
@@ -129,8 +144,12 @@ class ProxyMetrics:
         self.tokens: dict[tuple[str, str], int] = {}
         self.key_requests: dict[str, int] = {}
         self.auth_refusals: dict[tuple[int, str, str], int] = {}
+        self.upstream_requests: dict[tuple[str, str], int] = {}
+        self.upstream_failovers: dict[str, int] = {}
+        self.ttfb_by_upstream: dict[str, LatencyHistogram] = {}
         self._models = _BoundedLabels(MAX_MODELS)
         self._key_ids = _BoundedLabels(MAX_KEY_IDS)
+        self._upstreams = _BoundedLabels(MAX_UPSTREAMS)
         self.registry = CollectorRegistry() if registry is None else registry
         self.registry.register(self)
 
@@ -173,9 +192,42 @@ class ProxyMetrics:
                 self._add_tokens(model, "prompt", usage.prompt_tokens)
             if usage.completion_tokens:
                 self._add_tokens(model, "completion", usage.completion_tokens)
+        upstream = record.upstream
+        if upstream is not None:
+            self._observe_upstream(upstream, record)
 
     def _add_tokens(self, model: str, kind: str, count: int) -> None:
         self.tokens[model, kind] = self.tokens.get((model, kind), 0) + count
+
+    def _observe_upstream(self, name: str, record: RequestRecord) -> None:
+        """Count a request whose last attempt went to upstream ``name``, by the status
+        it answered (else the kind of its failure, else ``-``: the client left, or its
+        upload failed, first), and the upstreams it failed over from."""
+        upstreams = self._upstreams
+        name = upstreams.label(name)
+        status = record.upstream_status
+        outcome = (record.upstream_error or "-") if status is None else str(status)
+        self.upstream_requests[name, outcome] = self.upstream_requests.get((name, outcome), 0) + 1
+        if record.upstream_headers_after is not None:
+            ttfb = self.ttfb_by_upstream.get(name)
+            if ttfb is None:
+                ttfb = self.ttfb_by_upstream[name] = LatencyHistogram()
+            ttfb.observe(record.upstream_headers_after)
+        for failed in record.failed_over_from:
+            failed = upstreams.label(failed)
+            self.upstream_failovers[failed] = self.upstream_failovers.get(failed, 0) + 1
+
+    def _upstream_state_gauges(self) -> dict[str, int]:
+        """For each upstream and each state, 1 if it is in that state now, else 0."""
+        if self.upstream_states is None:
+            return {}
+        gauges: dict[str, int] = {}
+        for upstream in self.upstream_states():
+            name = self._upstreams.label(str(upstream["name"]))
+            for state in _UPSTREAM_STATES:
+                key = f"{name} {state}"
+                gauges[key] = gauges.get(key, 0) + int(upstream["state"] == state)
+        return gauges
 
     def snapshot(self) -> Snapshot:
         """This process's metrics now, as plain JSON data."""
@@ -195,10 +247,16 @@ class ProxyMetrics:
             },
             "tunnels_closed": dict(self.tunnels_closed),
             "tunnel_bytes": dict(self.tunnel_bytes),
+            "upstream_requests": {
+                f"{name} {outcome}": n for (name, outcome), n in self.upstream_requests.items()
+            },
+            "upstream_failovers": dict(self.upstream_failovers),
+            "ttfb_by_upstream": {n: h.snapshot() for n, h in self.ttfb_by_upstream.items()},
             "limiter_errors": self.limiter_errors(),
             "active_requests": self.active_requests,
             "active_streams": self.active_streams(),
             "active_tunnels": self.active_tunnels(),
+            "upstream_states": self._upstream_state_gauges(),
         }
 
     def collect(self) -> Iterator[Metric]:
@@ -291,6 +349,8 @@ class ProxyMetrics:
             ["status", "reason", "key_id"],
             state.get("auth_refusals", {}),
         )
+        if self.upstream_states is not None or state["upstream_requests"]:
+            yield from _upstream_families(state)
 
     def exposition(self, accept: str | None = None) -> tuple[bytes, str]:
         """
@@ -320,25 +380,77 @@ class _BoundedLabels:
         return "other"
 
 
+def _upstream_families(state: Snapshot) -> Iterator[Metric]:
+    """The metrics of each of several upstreams."""
+    yield _counter_family(
+        "aiproxy_upstream_requests",
+        "Requests whose last attempt went to an upstream, by upstream and the status it"
+        " answered (else the kind of failure, else - when the client left first).",
+        ["upstream", "status"],
+        state["upstream_requests"],
+    )
+    yield _counter_family(
+        "aiproxy_upstream_failovers",
+        "Times a request went on to another upstream or key, by the upstream it left.",
+        ["upstream"],
+        state["upstream_failovers"],
+    )
+    ttfb = HistogramMetricFamily(
+        "aiproxy_upstream_ttfb_by_upstream_seconds",
+        "Seconds from a request's arrival to the response headers of the upstream"
+        " its last attempt went to, by upstream.",
+        labels=["upstream"],
+    )
+    for name, histogram in state["ttfb_by_upstream"].items():
+        ttfb.add_metric([name], _buckets(histogram), histogram["sum"])
+    yield ttfb
+    yield _labelled_family(
+        GaugeMetricFamily,
+        "aiproxy_upstream_state",
+        "Each upstream's state: 1 for the state it is in, 0 for the others (with worker"
+        " processes, how many running workers see it in that state).",
+        ["upstream", "state"],
+        state["upstream_states"],
+    )
+
+
 def _counter_family(
     name: str, documentation: str, labels: list[str], counts: dict[str, int]
-) -> CounterMetricFamily:
-    """A labelled counter from counts keyed by their label values joined with spaces
-    (the last label takes the rest, so a model name may contain spaces)."""
-    family = CounterMetricFamily(name, documentation, labels=labels)
-    for key, count in counts.items():
-        family.add_metric(key.split(" ", len(labels) - 1), count)
+) -> Metric:
+    """A labelled counter (see :func:`_labelled_family`)."""
+    return _labelled_family(CounterMetricFamily, name, documentation, labels, counts)
+
+
+def _labelled_family(
+    kind: type[CounterMetricFamily | GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    labels: list[str],
+    values: dict[str, int],
+) -> Metric:
+    """A labelled metric of ``kind`` from values keyed by their label values joined with
+    spaces (the last label takes the rest, so a model name may contain spaces)."""
+    family = kind(name, documentation, labels=labels)
+    for key, value in values.items():
+        family.add_metric(key.split(" ", len(labels) - 1), value)
     return family
 
 
 def _histogram_family(name: str, documentation: str, state: dict[str, Any]) -> Metric:
     """A histogram from non-cumulative counts per bucket and their sum."""
+    return HistogramMetricFamily(
+        name, documentation, buckets=_buckets(state), sum_value=state["sum"]
+    )
+
+
+def _buckets(state: dict[str, Any]) -> list[tuple[str, float]]:
+    """The cumulative counts of a :meth:`LatencyHistogram.snapshot`, by bucket bound."""
     buckets = []
     total = 0
     for bound, count in zip(LATENCY_BUCKETS, state["counts"], strict=True):
         total += count
         buckets.append((floatToGoString(bound), total))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=state["sum"])
+    return buckets
 
 
 def merge_snapshots(own: Snapshot, others: Iterable[tuple[Snapshot, bool]]) -> Snapshot:

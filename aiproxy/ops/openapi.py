@@ -3,9 +3,9 @@ The OpenAPI 3.1 document that describes aiproxy: its own endpoints, and the catc
 route that forwards everything else to the target.
 
 The error responses come from the error classes of :mod:`aiproxy.errors` (status,
-``type``, docstring) and the health examples from
-:func:`~aiproxy.core.endpoints.health_document` itself, so the document says what the
-code does.
+``type``, docstring), the health examples from
+:func:`~aiproxy.core.endpoints.health_document` and the upstream states from
+:mod:`aiproxy.routing.health` itself, so the document says what the code does.
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ from aiproxy.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
+    ModelNotServed,
+    NoUpstreamAvailable,
     OriginNotAllowed,
     Overloaded,
     ProxyError,
     UpstreamTimeout,
     UpstreamUnreachable,
     WebSocketNotSupported,
+    api_error_body,
     error_body,
 )
+from aiproxy.routing.health import COOLING, DISABLED, EJECTED, HALF_OPEN, HEALTHY
 
 __all__ = ["openapi_document"]
 
@@ -53,9 +57,17 @@ _PROXY_ERRORS: tuple[type[ProxyError], ...] = (
     Overloaded,
     UpstreamTimeout,
 )
-"""The errors aiproxy answers itself for a request to be proxied (CORS adds ``403``)."""
+"""The errors aiproxy answers itself for a request to be proxied (CORS adds ``403``,
+``UPSTREAMS_FILE`` ``503 upstream_unavailable`` and, in OpenAI's shape, ``404``)."""
+
+_BODY_METHODS = ("post", "put", "patch")
+"""The operations documented with a request body (which may name a model)."""
 
 _EXAMPLE_REQUEST_ID = b"6f1c2a9e4b7d40c58e2f9a1b3c5d7e90"
+_SECONDS_LEFT = {
+    "type": "number",
+    "description": "Seconds until the state changes by itself; absent when it will not.",
+}
 _COMMON_HEADERS = ("X-Request-ID", "X-Process-Time", "X-Proxy-By")
 _OWN = "aiproxy"
 _DOCS = "documentation"
@@ -67,7 +79,8 @@ def openapi_document(config: Config) -> dict[str, Any]:
     The OpenAPI 3.1.0 document of an aiproxy configured by ``config``.
 
     ``/api/metrics`` is in it only when ``config.enable_metrics`` is true, the CORS
-    ``403`` only when ``config.enable_cors`` is.
+    ``403`` only when ``config.enable_cors`` is, and the errors and the ``X-Upstream``
+    header of several upstreams only when ``config.upstreams_file`` is set.
     """
     paths: dict[str, Any] = {
         "/api/health": _health_path(config),
@@ -114,7 +127,7 @@ def openapi_document(config: Config) -> dict[str, Any]:
         # proxy in front adds is kept when Swagger UI sends a request.
         "servers": [{"url": "..", "description": "This aiproxy"}],
         "tags": [
-            {"name": _PROXY, "description": f"Forwarded to `{config.target_url}`."},
+            {"name": _PROXY, "description": f"Forwarded to {_destination(config)}."},
             {"name": _OWN, "description": "Answered by aiproxy itself."},
             {"name": _DOCS, "description": "This documentation."},
         ],
@@ -123,9 +136,16 @@ def openapi_document(config: Config) -> dict[str, Any]:
     }
 
 
+def _destination(config: Config) -> str:
+    """Where proxied requests go, in Markdown."""
+    if config.upstreams_file:
+        return "the upstreams of its `UPSTREAMS_FILE`, chosen by model, priority and weight"
+    return f"**`{config.target_url}`** (its `TARGET_URL`)"
+
+
 def _description(config: Config) -> str:
     return (
-        f"aiproxy forwards every request to **`{config.target_url}`** (its `TARGET_URL`):"
+        f"aiproxy forwards every request to {_destination(config)}:"
         " method, path, query string, headers (`Authorization` included) and body pass"
         " through, and the upstream's response streams back unchanged, server-sent events"
         " included.\n\n"
@@ -134,8 +154,9 @@ def _description(config: Config) -> str:
         " method with `405` and the JSON error. Every other path, `/api/health/` and"
         " `/api/chat` included, is the upstream's.\n\n"
         "Errors aiproxy produces itself have the JSON body"
-        ' `{"error": {"type", "message", "request_id"}}`; the upstream\'s own errors are'
-        " relayed as they are.\n\n"
+        ' `{"error": {"type", "message", "request_id"}}`, except refusals of the API'
+        " itself (access keys, rate limits, a model no upstream serves), which take the"
+        " API's own error shape; the upstream's own errors are relayed as they are.\n\n"
         "Every response carries `X-Request-ID`, `X-Process-Time` and `X-Proxy-By`."
     )
 
@@ -205,26 +226,28 @@ def _proxy_path(config: Config) -> dict[str, Any]:
             {"$ref": "#/components/parameters/RequestID"},
         ],
     }
+    relayed = _response(
+        "The upstream's response, relayed as it is: status, headers (but the hop-by-hop"
+        " ones) and body, streamed.",
+        {"*/*": {"schema": {}}},
+    )
+    if config.upstreams_file and config.upstream_name_header:
+        relayed["headers"]["X-Upstream"] = {"$ref": "#/components/headers/X-Upstream"}
     for method in _PROXY_METHODS:
-        errors = _proxy_errors(config, method)
+        errors = {
+            str(error.status): {"$ref": f"#/components/responses/Error{error.status}"}
+            for error in _proxy_errors(config, method)
+        }
+        if config.upstreams_file and method in _BODY_METHODS:
+            errors["404"] = {"$ref": "#/components/responses/ModelNotFound"}
         operation: dict[str, Any] = {
             "operationId": f"proxy{method.capitalize()}",
             "summary": f"{method.upper()} to the target",
             "tags": [_PROXY],
             "security": [{}, {"upstreamBearer": []}],
-            "responses": {
-                "default": _response(
-                    "The upstream's response, relayed as it is: status, headers (but the"
-                    " hop-by-hop ones) and body, streamed.",
-                    {"*/*": {"schema": {}}},
-                ),
-                **{
-                    status: {"$ref": f"#/components/responses/Error{status}"}
-                    for status in sorted({str(error.status) for error in errors})
-                },
-            },
+            "responses": {"default": relayed, **dict(sorted(errors.items()))},
         }
-        if method in ("post", "put", "patch"):
+        if method in _BODY_METHODS:
             operation["requestBody"] = {
                 "description": "Forwarded as it is, up to `MAX_BODY_SIZE`"
                 f" ({config.max_body_size} bytes).",
@@ -235,15 +258,19 @@ def _proxy_path(config: Config) -> dict[str, Any]:
 
 
 def _proxy_errors(config: Config, method: str) -> tuple[type[ProxyError], ...]:
-    """The errors aiproxy answers itself for a ``method`` request to be proxied."""
+    """The errors aiproxy answers itself, with its own JSON error body, for a
+    ``method`` request to be proxied."""
+    errors = _PROXY_ERRORS
+    if config.upstreams_file:
+        errors = (*errors, NoUpstreamAvailable)
     if method == "options" and config.enable_cors:
-        return (*_PROXY_ERRORS, OriginNotAllowed)
-    return _PROXY_ERRORS
+        errors = (*errors, OriginNotAllowed)
+    return errors
 
 
 def _components(config: Config) -> dict[str, Any]:
     errors = _proxy_errors(config, "options")
-    return {
+    components: dict[str, Any] = {
         "schemas": {
             "Health": {
                 "type": "object",
@@ -267,12 +294,73 @@ def _components(config: Config) -> dict[str, Any]:
                         "description": "With REDIS_URL: whether Redis answered the last"
                         " check of the per-key limits (unused: none yet).",
                     },
+                    "upstreams": {
+                        "type": "array",
+                        "items": {"$ref": "#/components/schemas/UpstreamHealth"},
+                        "description": "With UPSTREAMS_FILE: each upstream's state, in"
+                        " the file's order.",
+                    },
+                },
+            },
+            "UpstreamHealth": {
+                "type": "object",
+                "required": ["name", "state", "keys"],
+                "properties": {
+                    "name": {"type": "string", "description": "Its name in the file."},
+                    "state": {
+                        "type": "string",
+                        "enum": [HEALTHY, COOLING, DISABLED, EJECTED, HALF_OPEN],
+                        "description": "`cooling` and `disabled`: every key is;"
+                        " `ejected`: after failures in a row; `half_open`: one request"
+                        " may go as a probe.",
+                    },
+                    "seconds_left": _SECONDS_LEFT,
+                    "keys": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["fingerprint", "state"],
+                            "properties": {
+                                "fingerprint": {
+                                    "type": "string",
+                                    "description": "8 hex digits of the key's SHA-256.",
+                                },
+                                "state": {
+                                    "type": "string",
+                                    "enum": [HEALTHY, COOLING, DISABLED],
+                                },
+                                "seconds_left": _SECONDS_LEFT,
+                            },
+                        },
+                    },
                 },
             },
             "Ping": {
                 "type": "object",
                 "required": ["ping"],
                 "properties": {"ping": {"const": "pong"}},
+            },
+            "ApiError": {
+                "type": "object",
+                "required": ["error"],
+                "description": "An error in the API's own shape: OpenAI's, or Anthropic's"
+                " for `/v1/messages`.",
+                "properties": {
+                    "type": {"const": "error", "description": "Anthropic's shape only."},
+                    "error": {
+                        "type": "object",
+                        "required": ["type", "message"],
+                        "properties": {
+                            "type": {"type": "string"},
+                            "message": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {
+                                "type": ["string", "null"],
+                                "description": "OpenAI's shape only.",
+                            },
+                        },
+                    },
+                },
             },
             "Error": {
                 "type": "object",
@@ -345,6 +433,14 @@ def _components(config: Config) -> dict[str, Any]:
             }
         },
     }
+    if config.upstreams_file:
+        components["responses"]["ModelNotFound"] = _model_not_found()
+        components["headers"]["X-Upstream"] = {
+            "description": "The name of the upstream of `UPSTREAMS_FILE` that answered"
+            " (never its URL or key); left out with `UPSTREAM_NAME_HEADER=false`.",
+            "schema": {"type": "string"},
+        }
+    return components
 
 
 def _error_responses(errors: Iterable[type[ProxyError]]) -> dict[str, Any]:
@@ -375,6 +471,32 @@ def _error_responses(errors: Iterable[type[ProxyError]]) -> dict[str, Any]:
                 }
         responses[f"Error{status}"] = response
     return responses
+
+
+def _model_not_found() -> dict[str, Any]:
+    """The ``404`` for a model that no upstream of ``UPSTREAMS_FILE`` serves."""
+    error = ModelNotServed(
+        "The model 'gpt-unknown' is not served by this proxy.", "model_not_found", "model"
+    )
+    return _response(
+        f"`model_not_found`: {_explanation(ModelNotServed)} In OpenAI's error shape, or"
+        " Anthropic's for `/v1/messages`.",
+        {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/ApiError"},
+                "examples": {
+                    "openai": {
+                        "summary": "OpenAI's shape",
+                        "value": json.loads(api_error_body(error, anthropic=False)),
+                    },
+                    "anthropic": {
+                        "summary": "Anthropic's shape (/v1/messages)",
+                        "value": json.loads(api_error_body(error, anthropic=True)),
+                    },
+                },
+            }
+        },
+    )
 
 
 def _explanation(error: type[ProxyError]) -> str:

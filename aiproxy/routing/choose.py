@@ -1,12 +1,13 @@
 """
 Choosing an upstream and a key for a request, pure, on the injected clock.
 
-Among the upstreams that serve the request's model (every upstream serves a request that
-names none) and are available now (see :mod:`aiproxy.routing.health`), the lowest
-priority wins; within it the pick is weighted random, or, given a sticky string (an
-access key's id), the same pick every time while the same upstreams are available, so
-that a caller keeps one upstream key and its prompt cache. The key of the upstream is
-chosen the same way among its usable keys.
+Among the upstreams that serve the request's model and are available now (see
+:mod:`aiproxy.routing.health`), the lowest priority wins; within it the pick is weighted
+random, or, given a sticky string (an access key's id), the same pick every time while
+the same upstreams are available, so that a caller keeps one upstream key and its prompt
+cache. A request that names no model (``GET /v1/models``, a file upload) goes to the
+first available upstream of the lowest priority, in file order. The key of the upstream
+is chosen like the upstream, among its usable keys.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from collections.abc import Callable, Collection, Sequence
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from aiproxy.routing.health import KeyHealth, UpstreamHealth
+from aiproxy.routing.health import (
+    COOLING,
+    DISABLED,
+    EJECTED,
+    HEALTHY,
+    KeyHealth,
+    UpstreamHealth,
+)
 from aiproxy.routing.upstreams import UpstreamEntry, UpstreamKey
 
 __all__ = ["Choice", "NotServed", "Router", "Unavailable"]
@@ -66,10 +74,24 @@ class Router:
         self.health = {u.name: UpstreamHealth() for u in self.upstreams}
         self.keys = {(u.name, k.fingerprint): KeyHealth() for u in self.upstreams for k in u.keys}
 
+    def serves(self, model: str) -> bool:
+        """Whether any upstream serves ``model``, available or not."""
+        return any(upstream.serves(model) for upstream in self.upstreams)
+
     def choose(
-        self, model: str | None, *, sticky: str | None = None, tried: Collection[str] = ()
+        self,
+        model: str | None,
+        *,
+        sticky: str | None = None,
+        tried: Collection[str] = (),
+        tried_keys: Collection[str] = (),
     ) -> Choice | Unavailable | NotServed:
-        """Where the next attempt of a request for ``model`` goes, skipping ``tried``."""
+        """
+        Where the next attempt of a request for ``model`` goes.
+
+        @param tried: names of upstreams not to choose (the request failed there).
+        @param tried_keys: fingerprints of keys not to choose (refused the request).
+        """
         serving = [u for u in self.upstreams if u.serves(model)]
         if not serving:
             assert model is not None
@@ -81,9 +103,14 @@ class Router:
             if upstream.name in tried:
                 continue
             wait = self.health[upstream.name].available_in(now)
-            keys = [k for k in upstream.keys if self.keys[upstream.name, k.fingerprint].usable(now)]
-            if upstream.keys and not keys:
+            usable = [
+                k for k in upstream.keys if self.keys[upstream.name, k.fingerprint].usable(now)
+            ]
+            keys = [k for k in usable if k.fingerprint not in tried_keys]
+            if upstream.keys and not usable:
                 wait = max(wait, self._key_wait(upstream, now))
+            elif upstream.keys and not keys:
+                continue  # every usable key has been tried
             if wait:
                 waits.append(wait)
             else:
@@ -92,10 +119,43 @@ class Router:
             return Unavailable(min(waits) if waits else 0.0)
         best = min(upstream.priority for upstream, _ in candidates)
         group = [(u, keys) for u, keys in candidates if u.priority == best]
-        upstream, keys = _weighted(group, self._number(sticky, ""))
+        if model is None:
+            upstream, keys = group[0]
+        else:
+            upstream, keys = _weighted(group, self._number(sticky, ""))
         self.health[upstream.name].sent(now)
         key = keys[int(self._number(sticky, upstream.name) * len(keys))] if keys else None
         return Choice(upstream, key)
+
+    def report(self) -> list[dict[str, object]]:
+        """
+        Each upstream's state now, for ``/api/health``: ``healthy``, ``cooling`` (every
+        key is), ``disabled`` (every key is), ``ejected`` or ``half_open``, with the
+        seconds left when it will change by itself; and each key's, by fingerprint.
+        """
+        now = self.clock.seconds()
+        report: list[dict[str, object]] = []
+        for upstream in self.upstreams:
+            health = self.health[upstream.name]
+            keys = [
+                _state(
+                    self.keys[upstream.name, k.fingerprint].state(now),
+                    self._key_left(k, upstream, now),
+                    fingerprint=k.fingerprint,
+                )
+                for k in upstream.keys
+            ]
+            state = health.state(now)
+            left = max(health.ejected_until - now, 0.0) if state == EJECTED else 0.0
+            if state == HEALTHY and keys and all(k["state"] != HEALTHY for k in keys):
+                wait = self._key_wait(upstream, now)
+                state = DISABLED if wait == float("inf") else COOLING
+                left = 0.0 if state == DISABLED else wait
+            report.append(_state(state, left, name=upstream.name, keys=keys))
+        return report
+
+    def _key_left(self, key: UpstreamKey, upstream: UpstreamEntry, now: float) -> float:
+        return max(self.keys[upstream.name, key.fingerprint].cooling_until - now, 0.0)
 
     def _key_wait(self, upstream: UpstreamEntry, now: float) -> float:
         """Seconds until one of ``upstream``'s keys may be used; inf if all are disabled."""
@@ -114,6 +174,21 @@ class Router:
 
     # -- what the attempt met ----------------------------------------------------------
 
+    def answered(self, choice: Choice, status: int, wait: float | None) -> None:
+        """
+        The upstream answered ``status``: a ``5xx`` is a failure of the upstream, a
+        ``429`` cools its key (for ``wait``, the delay it asked for, if any), a ``401``
+        or ``403`` disables its key; any answer below 500 shows the upstream is up.
+        """
+        if status >= 500:
+            self.failed(choice)
+            return
+        self.succeeded(choice)
+        if status == 429:
+            self.rate_limited(choice, wait)
+        elif status in (401, 403):
+            self.refused_key(choice)
+
     def succeeded(self, choice: Choice) -> None:
         """The upstream answered with a status below 500."""
         self.health[choice.upstream.name].succeeded()
@@ -121,6 +196,10 @@ class Router:
     def failed(self, choice: Choice) -> None:
         """A connect failure, a timeout before headers, or a ``5xx``."""
         self.health[choice.upstream.name].failed(self.clock.seconds())
+
+    def abandoned(self, choice: Choice) -> None:
+        """The attempt ended with no verdict on the upstream (its client left)."""
+        self.health[choice.upstream.name].abandoned()
 
     def rate_limited(self, choice: Choice, wait: float | None) -> None:
         """The upstream answered ``429``; ``wait`` is the delay it asked for, if any."""
@@ -131,6 +210,13 @@ class Router:
         """The upstream answered ``401`` or ``403``: its key is disabled."""
         if choice.key is not None:
             self.keys[choice.upstream.name, choice.key.fingerprint].disable()
+
+
+def _state(state: str, left: float, **fields: object) -> dict[str, object]:
+    document = {**fields, "state": state}
+    if left:
+        document["seconds_left"] = round(left, 3)
+    return document
 
 
 def _weighted(

@@ -121,6 +121,11 @@ class UpstreamHealth:
             self.ejections += 1
             self.ejected_until = now + ejection
 
+    def abandoned(self) -> None:
+        """A request sent to it ended before its outcome was known: if it was the
+        probe, another request may be the probe."""
+        self.probing = False
+
     def available_in(self, now: float) -> float:
         """Seconds until it may be tried again: 0 if it may now, 1 while its probe is out."""
         if self.usable(now):

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from aiproxy.config import UPSTREAM_AUTH_HEADERS
+from aiproxy.config import UPSTREAM_AUTH_HEADERS, Config, ConfigError
 from aiproxy.rules.target import Target, TargetError, parse_target
 from aiproxy.rules.toml import tables_of
 
@@ -39,8 +39,10 @@ __all__ = [
     "UpstreamEntry",
     "UpstreamKey",
     "UpstreamsFileError",
+    "configured_upstreams",
     "fingerprint",
     "parse_upstreams",
+    "read_upstreams",
 ]
 
 AUTH_HEADERS = UPSTREAM_AUTH_HEADERS
@@ -130,6 +132,44 @@ def parse_upstreams(
         if names.count(name) > 1:
             raise UpstreamsFileError(f"upstream {name!r}: name: used by more than one upstream")
     return entries
+
+
+def configured_upstreams(config: Config) -> tuple[UpstreamEntry, ...]:
+    """
+    The upstreams of ``config``'s ``UPSTREAMS_FILE``; none when it is not set.
+
+    @raise ConfigError: the file cannot be read or is invalid, or ``UPSTREAM_API_KEY``
+        is set too (the file holds the upstreams' keys).
+    """
+    path = config.upstreams_file
+    if not path:
+        return ()
+    if config.upstream_api_key or config.upstream_api_key_file:
+        raise ConfigError(
+            "UPSTREAMS_FILE and UPSTREAM_API_KEY (or UPSTREAM_API_KEY_FILE) are both set;"
+            " give each upstream its keys in the upstreams file"
+        )
+    try:
+        return read_upstreams(path)
+    except UpstreamsFileError as e:
+        raise ConfigError(f"UPSTREAMS_FILE (--upstreams-file): {e}") from None
+
+
+def read_upstreams(path: str) -> tuple[UpstreamEntry, ...]:
+    """
+    The upstreams in the file at ``path`` (``key_files`` relative to its folder).
+
+    @raise UpstreamsFileError: it cannot be read or is invalid; the message names ``path``.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UpstreamsFileError(f"{path}: cannot be read ({why})") from None
+    try:
+        return parse_upstreams(text, base=Path(path).parent)
+    except UpstreamsFileError as e:
+        raise UpstreamsFileError(f"{path}: {e}") from None
 
 
 def _entry(table: Any, number: int, env: Mapping[str, str], base: Path) -> UpstreamEntry:

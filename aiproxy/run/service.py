@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from aiproxy.core.handler import ProxyCore
-from aiproxy.core.interfaces import UpstreamClient
 from aiproxy.ops.logger import log
 
 __all__ = ["CoreService", "PoolService", "SequentialMultiService"]
 
 
-class PoolService(Service):
-    """Closes the upstream connection pool when the application stops."""
+class Pools(Protocol):
+    """Connection pools: one (``UpstreamClient``) or one per upstream (``Routes``)."""
 
-    def __init__(self, pool: UpstreamClient) -> None:
+    def close(self) -> Deferred[None]:
+        """Close every idle connection and take no more requests."""
+
+
+class PoolService(Service):
+    """Closes the upstream connection pools when the application stops."""
+
+    def __init__(self, pool: Pools) -> None:
         self.pool = pool
 
     def stopService(self) -> Deferred[None]:

@@ -11,7 +11,7 @@ import gc
 import os
 import platform
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NoReturn
 
@@ -29,17 +29,20 @@ from twisted.python import usage
 from aiproxy._twisted import fail_if_cannot_listen, ssl_context_factory
 from aiproxy._version import __version__
 from aiproxy.access.policy import access_policy
-from aiproxy.access.watch import KeyFileWatcher, OnHangup
+from aiproxy.access.watch import reload_keys
 from aiproxy.config import Config, ConfigError, load_config, log_level_name, settings
 from aiproxy.core.activity import Activity
 from aiproxy.core.build import build_core
 from aiproxy.core.handler import ProxyCore
 from aiproxy.ops.logs import use_aiproxy_logging
 from aiproxy.ops.metrics import MetricsPublisher, SharedMetrics
+from aiproxy.routing.routes import Routes
+from aiproxy.routing.upstreams import UpstreamEntry, configured_upstreams
 from aiproxy.rules.redact import redact_url
 from aiproxy.run.drain import DrainService
 from aiproxy.run.listening import inherited, server_endpoint, shared_if_inherited
 from aiproxy.run.service import CoreService, PoolService, SequentialMultiService
+from aiproxy.run.watch import FileWatcher, OnHangup
 from aiproxy.run.workers import (
     FIRST_FD,
     INHERITED_PORTS,
@@ -111,7 +114,9 @@ class Options(usage.Options):
             self["config"] = load_config(
                 flags, self._environ, dotenv, tuple(self["port"]), dotenv_lines=lines
             )
-            access_policy(self["config"])  # here too for --workers: a bad key file stops us
+            # Here too for --workers: a bad key file or upstreams file stops us.
+            upstreams = configured_upstreams(self["config"])
+            access_policy(self["config"], any(upstream.keys for upstream in upstreams))
         except ConfigError as e:
             raise SystemExit(f"aiproxy: invalid configuration: {e}") from None
 
@@ -156,18 +161,29 @@ def build_service(
     @raise ConfigError: an endpoint string cannot be parsed.
     """
     upstream = UpstreamPool.from_config(reactor, config)
+    routes = None
+    if config.upstreams_file:
+        pool_for = partial(_upstream_pool, reactor, config)
+        routes = Routes(config.upstreams_file, configured_upstreams(config), reactor, pool_for)
     activity = Activity()
-    core = build_core(config, upstream, reactor, activity, shared_metrics)
+    core = build_core(config, upstream, reactor, activity, shared_metrics, routes)
     # Services stop one after another, in reverse order: the drain (listeners first),
     # then the pool, then the last publication of the metrics.
     top = SequentialMultiService()
     if shared_metrics is not None and core.metrics is not None:
         MetricsPublisher(core.metrics, shared_metrics, reactor).setServiceParent(top)
     CoreService(core).setServiceParent(top)
+    reloads: list[tuple[str, Callable[[], None]]] = []
     if core.access_keys is not None:
-        watcher = KeyFileWatcher(core.access_keys, reactor)
-        watcher.setServiceParent(top)
-        OnHangup(watcher.reload, reactor.callFromThread).setServiceParent(top)
+        reloads.append((core.access_keys.path, partial(reload_keys, core.access_keys)))
+    if routes is not None:
+        reloads.append((routes.path, routes.reload))
+        PoolService(routes).setServiceParent(top)
+    for path, reload in reloads:
+        FileWatcher(path, reload, reactor).setServiceParent(top)
+    if reloads:
+        actions = [reload for _, reload in reloads]
+        OnHangup(partial(_run_each, actions), reactor.callFromThread).setServiceParent(top)
     PoolService(upstream).setServiceParent(top)
     drain = DrainService(activity, reactor, config.graceful_timeout)
     drain.setServiceParent(top)
@@ -181,6 +197,22 @@ def build_service(
         fail_if_cannot_listen(listener)
         listener.setServiceParent(drain)
     return top
+
+
+def _upstream_pool(reactor: Any, config: Config, upstream: UpstreamEntry) -> UpstreamPool:
+    """The connection pool of one upstream of ``UPSTREAMS_FILE``."""
+    return UpstreamPool(
+        reactor,
+        upstream.target,
+        connect_timeout=config.connect_timeout,
+        ssl_verify=config.ssl_verify,
+        max_connections=upstream.max_connections,
+    )
+
+
+def _run_each(actions: Sequence[Callable[[], None]]) -> None:
+    for action in actions:
+        action()
 
 
 def listener_factory(
@@ -232,7 +264,7 @@ def makeService(options: Options) -> IService:
         log_start(config)
     command_line = _ExitIfCannotListen()
     service.setServiceParent(command_line)
-    if isinstance(service, WorkerSupervisor) and config.access_keys_file:
+    if isinstance(service, WorkerSupervisor) and (config.access_keys_file or config.upstreams_file):
         call_from_signal = IReactorFromThreads(reactor).callFromThread
         OnHangup(partial(_hang_up_workers, service), call_from_signal).setServiceParent(
             command_line
@@ -253,7 +285,11 @@ def log_start(config: Config) -> None:
         "aiproxy {version} starting: target {target}, listening on {listeners},"
         " {workers} worker(s), metrics {metrics}, docs {docs}, CORS {cors}, access keys {keys}",
         version=__version__,
-        target=redact_url(config.target_url),
+        target=(
+            f"the upstreams of {config.upstreams_file}"
+            if config.upstreams_file
+            else redact_url(config.target_url)
+        ),
         listeners=", ".join(config.endpoints),
         workers=config.max_workers,
         metrics=on(config.enable_metrics),
@@ -264,7 +300,7 @@ def log_start(config: Config) -> None:
 
 
 def _hang_up_workers(supervisor: WorkerSupervisor) -> None:
-    """Pass a ``SIGHUP`` on to every worker: each reloads its access keys."""
+    """Pass a ``SIGHUP`` on to every worker: each reloads its access keys and upstreams."""
     for worker in list(supervisor.workers.values()):
         worker.signal("HUP")
 

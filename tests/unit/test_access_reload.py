@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,13 @@ from twisted.logger import LogLevel, capturedLogs
 from aiproxy.access.keyfile import read_key_file
 from aiproxy.access.keys import key_digest
 from aiproxy.access.policy import AccessKeys
-from aiproxy.access.watch import WATCH_INTERVAL, KeyFileWatcher, OnHangup
+from aiproxy.access.watch import reload_keys
+from aiproxy.run.watch import WATCH_INTERVAL, FileWatcher, OnHangup
 
 OLD = "aip-" + "o" * 43
 NEW = "aip-" + "n" * 43
 
-Watched = tuple[Path, AccessKeys, KeyFileWatcher, Clock]
+Watched = tuple[Path, AccessKeys, FileWatcher, Clock]
 
 
 def key_file(*keys: str) -> str:
@@ -46,7 +48,7 @@ def watched(tmp_path: Path) -> Iterator[Watched]:
     path.write_text(key_file(OLD))
     keys = AccessKeys(str(path), read_key_file(str(path)))
     clock = Clock()
-    watcher = KeyFileWatcher(keys, clock)
+    watcher = FileWatcher(keys.path, partial(reload_keys, keys), clock)
     watcher.startService()
     yield path, keys, watcher, clock
     watcher.stopService()
@@ -105,7 +107,7 @@ def test_sighup_reloads_at_once(tmp_path: Path) -> None:
         called.append(f)
         f()
 
-    hangup = OnHangup(KeyFileWatcher(keys, Clock()).reload, call_from_signal)
+    hangup = OnHangup(partial(reload_keys, keys), call_from_signal)
     hangup.startService()
     try:
         assert signal.getsignal(signal.SIGHUP) == hangup._hangup

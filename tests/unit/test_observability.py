@@ -111,6 +111,8 @@ def test_completion_record_of_a_json_reply_has_every_field() -> None:
         "key_id": None,
         "auth_refusal": None,
         "tunnel_closed_by": None,
+        "upstream": None,
+        "failed_over_from": None,
     }
     assert formatEvent(record) == (
         "Request completed: POST /v1/chat/completions [Status: 200] [Time: 0.750s]"

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.task import Clock
 
+from aiproxy.access.policy import access_policy
+from aiproxy.config import Config, ConfigError
 from aiproxy.routing.choose import Choice, NotServed, Router, Unavailable
 from aiproxy.routing.health import (
     DEFAULT_COOLDOWN,
@@ -21,7 +23,12 @@ from aiproxy.routing.health import (
     KeyHealth,
     UpstreamHealth,
 )
-from aiproxy.routing.upstreams import UpstreamsFileError, fingerprint, parse_upstreams
+from aiproxy.routing.upstreams import (
+    UpstreamsFileError,
+    configured_upstreams,
+    fingerprint,
+    parse_upstreams,
+)
 
 TWO = """
 [[upstream]]
@@ -167,10 +174,24 @@ def test_ejections_do_not_grow_beyond_the_cap() -> None:
 def test_weights_share_the_picks() -> None:
     """Two upstreams of the same priority, weights 3:1: about 3 picks in 4 go to the first."""
     clock = Clock()
-    entries = parse_upstreams(TWO.replace("priority = 1", "priority = 0"), {"B_KEY": "k"})
-    chooser = Router(entries, clock, random.Random(1).random)
-    counts = collections.Counter(choice(chooser.choose(None)).upstream.name for _ in range(4000))
+    text = TWO.replace("priority = 1", "priority = 0").replace('models = ["claude-*"]', "")
+    chooser = Router(parse_upstreams(text, {"B_KEY": "k"}), clock, random.Random(1).random)
+    picks = (choice(chooser.choose("gpt-4o")).upstream.name for _ in range(4000))
+    counts = collections.Counter(picks)
     assert abs(counts["a"] / 4000 - 0.75) <= 0.03
+
+
+def test_a_request_naming_no_model_goes_to_the_first_available() -> None:
+    """No model: the first upstream of the lowest priority in file order, every time;
+    the next one while it is ejected."""
+    chooser, _ = router(
+        TWO.replace("priority = 1", "priority = 0").replace('models = ["claude-*"]', "")
+    )
+    assert {choice(chooser.choose(None)).upstream.name for _ in range(50)} == {"a"}
+    a = choice(chooser.choose(None))
+    for _ in range(EJECT_AFTER):
+        chooser.failed(a)
+    assert choice(chooser.choose(None)).upstream.name == "b"
 
 
 def test_the_lowest_priority_that_serves_the_model_wins() -> None:
@@ -250,7 +271,112 @@ def test_a_sticky_caller_keeps_its_upstream_and_key() -> None:
     chooser, _ = router(
         TWO.replace("priority = 1", "priority = 0").replace('models = ["claude-*"]', "")
     )
-    picks = {choice(chooser.choose(None, sticky="alice")) for _ in range(20)}
+    picks = {choice(chooser.choose("m", sticky="alice")) for _ in range(20)}
     assert len(picks) == 1
-    callers = {choice(chooser.choose(None, sticky=f"user-{n}")).upstream.name for n in range(40)}
+    callers = {choice(chooser.choose("m", sticky=f"user-{n}")).upstream.name for n in range(40)}
     assert callers == {"a", "b"}
+
+
+def test_tried_keys_are_skipped_and_then_the_upstream() -> None:
+    """After a key failed a request, the request's next choice is the upstream's other
+    key; with both tried, another upstream."""
+    chooser, _ = router(TWO.replace('models = ["claude-*"]', ""))
+    a = chooser.upstreams[0]
+    one, two = (k.fingerprint for k in a.keys)
+    assert {choice(chooser.choose("m", tried_keys={one})).key for _ in range(20)} == {a.keys[1]}
+    assert choice(chooser.choose("m", tried_keys={one, two})).upstream.name == "b"
+
+
+def test_answers_move_health() -> None:
+    """``429`` cools the key for the wait asked, ``401`` disables it, a ``5xx`` counts
+    against the upstream, anything else is a success."""
+    chooser, clock = router(TWO.replace('models = ["claude-*"]', ""))
+    a = chooser.upstreams[0]
+    one, two = (Choice(a, key) for key in a.keys)
+    chooser.answered(one, 429, 3.0)
+    chooser.answered(two, 401, None)
+    assert choice(chooser.choose("m")).upstream.name == "b"
+    report = {u["name"]: u for u in chooser.report()}
+    assert report["a"]["state"] == "cooling" and report["a"]["seconds_left"] == 3.0
+    assert [k["state"] for k in report["a"]["keys"]] == ["cooling", "disabled"]  # type: ignore[index,union-attr]
+    clock.advance(3)
+    assert {k["state"] for k in chooser.report()[0]["keys"]} == {"healthy", "disabled"}  # type: ignore[union-attr]
+    b = choice(chooser.choose("m", tried={"a"}))
+    for _ in range(EJECT_AFTER - 1):
+        chooser.answered(b, 503, None)
+    chooser.answered(b, 200, None)  # a success in between: the count starts again
+    chooser.answered(b, 503, None)
+    assert chooser.report()[1]["state"] == "healthy"
+    for _ in range(EJECT_AFTER):
+        chooser.answered(b, 502, None)
+    assert chooser.report()[1] == {
+        "name": "b",
+        "state": "ejected",
+        "seconds_left": FIRST_EJECTION,
+        "keys": [{"fingerprint": fingerprint("sk-b"), "state": "healthy"}],
+    }
+
+
+def test_every_key_disabled_is_reported_and_waits_forever() -> None:
+    """An upstream whose keys are all disabled is ``disabled``; alone, it is unavailable
+    with no end."""
+    chooser, _ = router(
+        TWO.replace('models = ["claude-*"]', "").replace("priority = 1", "priority = 0")
+    )
+    for upstream in chooser.upstreams:
+        for key in upstream.keys:
+            chooser.answered(Choice(upstream, key), 403, None)
+    assert [u["state"] for u in chooser.report()] == ["disabled", "disabled"]
+    assert chooser.choose("m") == Unavailable(float("inf"))
+
+
+def test_an_abandoned_probe_lets_another_request_probe() -> None:
+    """The probe's client left before its answer: the next request is the probe."""
+    chooser, clock = router(TWO.replace('models = ["claude-*"]', ""))
+    a = choice(chooser.choose(None))
+    for _ in range(EJECT_AFTER):
+        chooser.failed(a)
+    clock.advance(FIRST_EJECTION)
+    probe = choice(chooser.choose(None))
+    assert probe.upstream.name == "a"
+    assert choice(chooser.choose(None)).upstream.name == "b"
+    chooser.abandoned(probe)
+    assert choice(chooser.choose(None)).upstream.name == "a"
+
+
+# --- the setting ------------------------------------------------------------------------
+
+
+def test_upstreams_file_setting(tmp_path: Path) -> None:
+    """``UPSTREAMS_FILE`` is read with its keys' files relative to it; an invalid file,
+    or ``UPSTREAM_API_KEY`` as well, stops start-up with one line naming the file and
+    the field, never a key."""
+    (tmp_path / "b.key").write_text("sk-b-secret\n")
+    path = tmp_path / "upstreams.toml"
+    path.write_text(TWO.replace('key_envs = ["B_KEY"]', 'key_files = ["b.key"]'))
+    [_, b] = configured_upstreams(Config(upstreams_file=str(path)))
+    assert [k.value for k in b.keys] == ["sk-b-secret"]
+    assert configured_upstreams(Config()) == ()
+    with pytest.raises(ConfigError, match="UPSTREAM_API_KEY"):
+        configured_upstreams(Config(upstreams_file=str(path), upstream_api_key="sk-x"))
+    path.write_text(TWO.replace("weight = 3", "weight = -1"))
+    with pytest.raises(ConfigError) as error:
+        configured_upstreams(Config(upstreams_file=str(path)))
+    assert str(error.value) == (
+        f"UPSTREAMS_FILE (--upstreams-file): {path}: upstream 1 (a): weight:"
+        " must be a number above 0"
+    )
+    assert "sk-a" not in str(error.value)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        configured_upstreams(Config(upstreams_file=str(tmp_path / "missing.toml")))
+
+
+def test_upstream_keys_without_access_keys_are_no_open_relay() -> None:
+    """A file holding keys, no access keys, a public listener: start-up stops (as with
+    ``UPSTREAM_API_KEY``); on loopback, or with ``AUTH=none``, it may run."""
+    public = Config(listen=("tcp:8080",))
+    with pytest.raises(ConfigError, match="UPSTREAMS_FILE has keys"):
+        access_policy(public, upstream_keys=True)
+    assert access_policy(public, upstream_keys=False).credentials is None
+    assert access_policy(Config(listen=("tcp:8080:interface=127.0.0.1",)), upstream_keys=True)
+    assert access_policy(Config(listen=("tcp:8080",), auth="none"), upstream_keys=True)
