@@ -8,6 +8,8 @@ from __future__ import annotations
 import collections
 import io
 import json
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
@@ -25,13 +27,23 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aiproxy.access.keys import key_digest, new_key
 from aiproxy.routing.upstreams import fingerprint
 from aiproxy.testing import FakeOpenAI, sse_event
+from aiproxy.upstream.pool import UpstreamPool
 
 from .conftest import Proxy
-from .support import LOOPBACK, BodyReceiver, free_port, sleep, within
-
-Rule = Callable[[Request], "bytes | int"]
+from .processes import TwistProcess, run_twist
+from .support import (
+    LOOPBACK,
+    BodyReceiver,
+    free_port,
+    header,
+    request,
+    sleep,
+    wait_until,
+    within,
+)
 
 
 class Scripted(FakeOpenAI):
@@ -458,3 +470,92 @@ async def test_a_reloaded_file_is_used_at_once(
     routes.reload()
     assert (await send(agent, proxy)).upstream == "c"
     assert (a.requests, c.requests) == (1, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_limit_queues_requests(
+    fakes: dict[str, Fake], route: Callable[..., Proxy], agent: Agent
+) -> None:
+    """``max_connections = 1``: three slow requests at once all succeed, one after the
+    other over the one connection, never more."""
+    a = fakes["a"]
+    proxy = route({"name": "a", "url": a.url, "max_connections": 1})
+    routes = proxy.core.routes
+    assert routes is not None
+    pool = cast(UpstreamPool, routes.routes["a"].client)
+    most = 0
+
+    async def one() -> int:
+        nonlocal most
+        response = await within(
+            agent.request(b"GET", (proxy.url + "/slow-headers/0.2").encode()), 10
+        )
+        most = max(most, pool.open_connections)
+        receiver = BodyReceiver()
+        response.deliverBody(receiver)
+        await within(receiver.finished, 10)
+        return response.code
+
+    calls = [Deferred.fromCoroutine(one()) for _ in range(3)]
+    await wait_until(lambda: pool.waiting == 2, 5, "two requests waiting")
+    assert pool.open_connections == 1
+    assert await within(gatherResults(calls), 10) == [200, 200, 200]
+    assert most == 1 and a.requests == 3
+
+
+# --- a twist process ---------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_upstreams_and_access_keys_in_a_twist_process(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    """A real ``twist aiproxy`` with both files: a change polling cannot see (same size
+    and time) is used on ``SIGHUP``, for the upstreams and the access keys alike."""
+    a, c = fakes["a"], fakes["c"]
+    key = new_key()
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[[key]]\nid = "k"\nsha256 = "{key_digest(key)}"\n')
+    path = tmp_path / "upstreams.toml"
+    upstreams_file(path, {"name": "a", "url": a.url, "keys": ["sk-upstream-a"]})
+    stamp = os.stat(path)
+    process = TwistProcess.start(
+        "http://unused.invalid",
+        tmp_path,
+        env={"UPSTREAMS_FILE": str(path), "ACCESS_KEYS_FILE": str(keys)},
+    )
+    headers = {b"authorization": [f"Bearer {key}".encode()]}
+    try:
+        await process.wait_ready()
+        response, _ = await request(b"POST", process.url + "/v1/chat/completions", headers, chat())
+        assert (response.code, header(response, b"x-upstream")) == (200, b"a")
+        upstreams_file(path, {"name": "c", "url": c.url, "keys": ["sk-upstream-c"]})
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert os.stat(path).st_size == stamp.st_size
+        os.kill(process.process.pid, signal.SIGHUP)
+        await wait_until(lambda: "Upstreams reloaded" in process.whole_log(), 5, "a reload")
+        assert "Access keys reloaded" in process.whole_log()
+        response, _ = await request(b"POST", process.url + "/v1/chat/completions", headers, chat())
+        assert (response.code, header(response, b"x-upstream")) == (200, b"c")
+    finally:
+        await process.stop()
+    assert c.upstream.stats.credentials == [b"authorization: Bearer sk-upstream-c"]
+    log = process.whole_log()
+    assert "sk-upstream" not in log and key not in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invalid_upstreams_file_stops_the_start(tmp_path: Path) -> None:
+    """One line naming the file, the upstream and the field; never a key."""
+    path = upstreams_file(
+        tmp_path / "upstreams.toml",
+        {"name": "a", "url": "https://a.example", "keys": ["sk-secret"], "priority": -1},
+    )
+    args = ["--port=tcp:0:interface=127.0.0.1", f"--upstreams-file={path}"]
+    done = await within(deferToThread(run_twist, args, tmp_path), 30)
+    assert done.returncode != 0
+    (line,) = (done.stdout + done.stderr).strip().splitlines()
+    assert line == (
+        f"aiproxy: invalid configuration: UPSTREAMS_FILE (--upstreams-file): {path}:"
+        " upstream 1 (a): priority: must be a whole number, 0 or more"
+    )
