@@ -9,18 +9,26 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 
+from aiproxy.config import Config
 from aiproxy.core.interfaces import UpstreamClient
 from aiproxy.ops.logger import log
 from aiproxy.routing.choose import Choice, Router
-from aiproxy.routing.upstreams import UpstreamEntry, UpstreamsFileError, read_upstreams
+from aiproxy.routing.upstreams import (
+    UpstreamEntry,
+    UpstreamsFileError,
+    configured_upstreams,
+    read_upstreams,
+)
 from aiproxy.rules.target import Target
+from aiproxy.upstream.pool import UpstreamPool
 
-__all__ = ["Route", "Routes", "host_header"]
+__all__ = ["Route", "Routes", "host_header", "upstream_routes"]
 
 
 def host_header(target: Target) -> bytes:
@@ -125,3 +133,29 @@ class Routes:
 def _same_pool(was: UpstreamEntry, entry: UpstreamEntry) -> bool:
     """Whether ``entry`` can keep the pool of ``was``: the same URL and limit."""
     return (was.target, was.max_connections) == (entry.target, entry.max_connections)
+
+
+def upstream_routes(config: Config, reactor: object) -> Routes | None:
+    """
+    The routes of ``config``'s ``UPSTREAMS_FILE``, one :class:`UpstreamPool` per
+    upstream (with ``CONNECT_TIMEOUT``, ``SSL_VERIFY`` and its ``max_connections``);
+    L{None} when it is not set.
+
+    @param reactor: what the pools connect with and time on (``IReactorTCP``,
+        ``IReactorTime``).
+    @raise ConfigError: the file cannot be used (see :func:`configured_upstreams`).
+    """
+    if not config.upstreams_file:
+        return None
+
+    def pool_for(upstream: UpstreamEntry) -> UpstreamClient:
+        return UpstreamPool(
+            reactor,
+            upstream.target,
+            connect_timeout=config.connect_timeout,
+            ssl_verify=config.ssl_verify,
+            max_connections=upstream.max_connections,
+        )
+
+    clock = cast(IReactorTime, reactor)
+    return Routes(config.upstreams_file, configured_upstreams(config), clock, pool_for)

@@ -36,8 +36,8 @@ from aiproxy.core.build import build_core
 from aiproxy.core.handler import ProxyCore
 from aiproxy.ops.logs import use_aiproxy_logging
 from aiproxy.ops.metrics import MetricsPublisher, SharedMetrics
-from aiproxy.routing.routes import Routes
-from aiproxy.routing.upstreams import UpstreamEntry, configured_upstreams
+from aiproxy.routing.routes import upstream_routes
+from aiproxy.routing.upstreams import configured_upstreams
 from aiproxy.rules.redact import redact_url
 from aiproxy.run.drain import DrainService
 from aiproxy.run.listening import inherited, server_endpoint, shared_if_inherited
@@ -161,10 +161,7 @@ def build_service(
     @raise ConfigError: an endpoint string cannot be parsed.
     """
     upstream = UpstreamPool.from_config(reactor, config)
-    routes = None
-    if config.upstreams_file:
-        pool_for = partial(_upstream_pool, reactor, config)
-        routes = Routes(config.upstreams_file, configured_upstreams(config), reactor, pool_for)
+    routes = upstream_routes(config, reactor)
     activity = Activity()
     core = build_core(config, upstream, reactor, activity, shared_metrics, routes)
     # Services stop one after another, in reverse order: the drain (listeners first),
@@ -197,17 +194,6 @@ def build_service(
         fail_if_cannot_listen(listener)
         listener.setServiceParent(drain)
     return top
-
-
-def _upstream_pool(reactor: Any, config: Config, upstream: UpstreamEntry) -> UpstreamPool:
-    """The connection pool of one upstream of ``UPSTREAMS_FILE``."""
-    return UpstreamPool(
-        reactor,
-        upstream.target,
-        connect_timeout=config.connect_timeout,
-        ssl_verify=config.ssl_verify,
-        max_connections=upstream.max_connections,
-    )
 
 
 def _run_each(actions: Sequence[Callable[[], None]]) -> None:

@@ -23,7 +23,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from aiproxy._twisted import GenericHTTPChannelProtocol
-from aiproxy.config import Config
+from aiproxy.config import Config, ConfigError
 from aiproxy.core.activity import Activity
 from aiproxy.core.body import body_of
 from aiproxy.core.build import build_core
@@ -33,6 +33,7 @@ from aiproxy.core.interfaces import RawHeaders, TunnelEnd, UpstreamClient
 from aiproxy.errors import BodyTooLarge, InternalError, InvalidRequest, ProxyError
 from aiproxy.ops.logger import log
 from aiproxy.ops.metrics import SharedMetrics
+from aiproxy.routing.routes import Routes
 from aiproxy.rules.headers import field_with_control_bytes
 from aiproxy.rules.target import local_target
 from aiproxy.server.limits import ClientLimits
@@ -318,11 +319,22 @@ def build_resource(
     clock: IReactorTime,
     activity: Activity | None = None,
     shared_metrics: SharedMetrics | None = None,
+    routes: Routes | None = None,
 ) -> ReverseProxyResource:
     """
     aiproxy's whole tree as one resource: ``/api/health``, ``/api/ping``, the metrics
     and docs (unless disabled in ``config``), CORS, and the proxy for the rest, all on
     one core (see :func:`aiproxy.core.build.build_core`).
+
+    @param routes: the upstreams of ``config``'s ``UPSTREAMS_FILE``
+        (:func:`aiproxy.routing.routes.upstream_routes`), which requests then go to
+        instead of ``upstream``.
+    @raise ConfigError: ``UPSTREAMS_FILE`` is set and ``routes`` not given.
     """
-    core = build_core(config, upstream, clock, activity, shared_metrics)
+    if config.upstreams_file and routes is None:
+        raise ConfigError(
+            "UPSTREAMS_FILE is set: pass routes=upstream_routes(config, reactor) to"
+            " build_resource, or unset it to use TARGET_URL"
+        )
+    core = build_core(config, upstream, clock, activity, shared_metrics, routes)
     return ReverseProxyResource(core, config.proxy_buffer_size)

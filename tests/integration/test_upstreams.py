@@ -25,9 +25,13 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from aiproxy import build_resource, build_site
 from aiproxy.access.keys import key_digest, new_key
+from aiproxy.config import Config, ConfigError
+from aiproxy.routing.routes import upstream_routes
 from aiproxy.routing.upstreams import fingerprint
 from aiproxy.testing import FakeOpenAI, sse_event
 from aiproxy.upstream.pool import UpstreamPool
@@ -559,3 +563,38 @@ async def test_an_invalid_upstreams_file_stops_the_start(tmp_path: Path) -> None
         f"aiproxy: invalid configuration: UPSTREAMS_FILE (--upstreams-file): {path}:"
         " upstream 1 (a): priority: must be a whole number, 0 or more"
     )
+
+
+# --- embedded ----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_embedded_resource_routes_to_the_upstreams(
+    fakes: dict[str, Fake], tmp_path: Path
+) -> None:
+    """``build_resource`` refuses a config with ``UPSTREAMS_FILE`` and no routes; given
+    ``upstream_routes``, the twisted.web door fails over like the others."""
+    down = f"http://{LOOPBACK}:{free_port()}"
+    path = upstreams_file(
+        tmp_path / "upstreams.toml",
+        {"name": "a", "url": down},
+        {"name": "b", "url": fakes["b"].url, "priority": 1},
+    )
+    config = Config(upstreams_file=path)
+    pool = UpstreamPool.from_config(reactor, config)
+    with pytest.raises(ConfigError, match="UPSTREAMS_FILE is set"):
+        build_resource(config, pool, reactor)
+    routes = upstream_routes(config, reactor)
+    assert routes is not None
+    root = Resource()
+    root.putChild(b"openai", build_resource(config, pool, reactor, routes=routes))
+    port = reactor.listenTCP(0, build_site(root, reactor, config=config), interface=LOOPBACK)
+    try:
+        url = f"http://{LOOPBACK}:{port.getHost().port}/openai/v1/chat/completions"
+        response, body = await request(b"POST", url, body=chat())
+        assert (response.code, header(response, b"x-upstream")) == (200, b"b")
+        assert json.loads(body)["object"] == "chat.completion"
+    finally:
+        await within(port.stopListening(), 5)
+        await within(routes.close(), 5)
+        await within(pool.close(), 5)
