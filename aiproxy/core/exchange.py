@@ -693,25 +693,21 @@ class ProxyExchange(_Handled):
         if self.tunnel is not None:  # a drain out of time
             self.tunnel.end("proxy", "the graceful shutdown ran out of time", abort=True)
             return
-        cancelled = False
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.cancel()
-            cancelled = True
-        elif self.retry_timer is not None:
-            self.retry_timer.cancel()
-            self.retry_timer = None
-            cancelled = True
-        elif self.response is not None:
-            self.response.abort()
-            cancelled = True
-        if cancelled:
+        pending, self.pending = self.pending, None
+        response = self.response
+        if pending is not None or self.retry_timer is not None or response is not None:
             self.core.cancelled += 1
             log.info(
                 "Client disconnected, upstream request cancelled [ID: {request_id}]",
                 request_id=self.request.record.request_id,
             )
+        # Ended first (the retry timer with it), so that the cancelled attempt's failure
+        # is seen as the client's doing, not answered as an upstream error.
         self.end(cancelled=True)
+        if pending is not None:
+            pending.cancel()
+        elif response is not None:
+            response.abort()
 
     def end(self, cancelled: bool) -> None:
         """Stop every timer and watch, then record the request."""

@@ -164,6 +164,23 @@ def test_a_client_leaving_mid_stream_is_recorded_and_counted_as_cancelled() -> N
     assert value(proxy, "aiproxy_active_streams") == 0
 
 
+def test_a_client_leaving_before_the_response_head_is_recorded_as_cancelled() -> None:
+    """Regression: the cancelled upstream attempt used to be answered and recorded as a
+    ``502`` upstream error, and the completion line came before the cancel line."""
+    proxy = start_proxy()
+    with capturedLogs() as events:
+        proxy.client.request(b"POST", b"/v1/chat/completions", body=b"{}")
+        proxy.client.disconnect()
+    assert proxy.upstream.last.cancelled
+    record = completion(events)
+    assert (record["cancelled"], record["status"], record["upstream_error"]) == (True, 0, None)
+    lines = [formatEvent(e) for e in events]
+    assert lines[1].startswith("Client disconnected, upstream request cancelled")
+    assert lines[2].startswith("Request aborted, connection lost")
+    assert value(proxy, "aiproxy_client_cancelled_total") == 1
+    assert value(proxy, "aiproxy_upstream_errors_total", kind="connect") == 0
+
+
 def test_an_unreachable_upstream_is_recorded_by_kind() -> None:
     """A failed connection leaves no upstream status, names the kind of failure in the
     record and counts it in ``aiproxy_upstream_errors_total{kind}``."""
