@@ -31,6 +31,9 @@ from aiproxy.routing.upstreams import UpstreamEntry, UpstreamKey
 
 __all__ = ["Choice", "NotServed", "Router", "Unavailable"]
 
+_Candidate = tuple[UpstreamEntry, UpstreamHealth, list[UpstreamKey]]
+"""An upstream that may be chosen now, its health and its usable keys."""
+
 
 @attrs.frozen
 class Choice:
@@ -73,6 +76,12 @@ class Router:
         self.pick = pick
         self.health = {u.name: UpstreamHealth() for u in self.upstreams}
         self.keys = {(u.name, k.fingerprint): KeyHealth() for u in self.upstreams for k in u.keys}
+        # What each choice walks through: every upstream with its health and its keys'.
+        self._members = [
+            (u, self.health[u.name], [(k, self.keys[u.name, k.fingerprint]) for k in u.keys])
+            for u in self.upstreams
+        ]
+        self._by_model = any(u.models for u in self.upstreams)
 
     def serves(self, model: str) -> bool:
         """Whether any upstream serves ``model``, available or not."""
@@ -92,40 +101,44 @@ class Router:
         @param tried: names of upstreams not to choose (the request failed there).
         @param tried_keys: fingerprints of keys not to choose (refused the request).
         """
-        serving = [u for u in self.upstreams if u.serves(model)]
-        if not serving:
-            assert model is not None
-            return NotServed(model)
+        members = self._members
+        if model is not None and self._by_model:
+            members = [member for member in members if member[0].serves(model)]
+            if not members:
+                return NotServed(model)
         now = self.clock.seconds()
-        candidates: list[tuple[UpstreamEntry, list[UpstreamKey]]] = []
+        candidates: list[_Candidate] = []
         waits: list[float] = []
-        for upstream in serving:
-            if upstream.name in tried:
+        for upstream, health, key_health in members:
+            if tried and upstream.name in tried:
                 continue
-            wait = self.health[upstream.name].available_in(now)
-            usable = [
-                k for k in upstream.keys if self.keys[upstream.name, k.fingerprint].usable(now)
-            ]
-            keys = [k for k in usable if k.fingerprint not in tried_keys]
-            if upstream.keys and not usable:
+            wait = health.available_in(now) if health.ejections else 0.0
+            keys = [k for k, h in key_health if h.usable(now)]
+            if key_health and not keys:
                 wait = max(wait, self._key_wait(upstream, now))
-            elif upstream.keys and not keys:
-                continue  # every usable key has been tried
+            elif tried_keys and key_health:
+                keys = [k for k in keys if k.fingerprint not in tried_keys]
+                if not keys:
+                    continue  # every usable key has been tried
             if wait:
                 waits.append(wait)
             else:
-                candidates.append((upstream, keys))
+                candidates.append((upstream, health, keys))
         if not candidates:
             return Unavailable(min(waits) if waits else 0.0)
-        best = min(upstream.priority for upstream, _ in candidates)
-        group = [(u, keys) for u, keys in candidates if u.priority == best]
-        if model is None:
-            upstream, keys = group[0]
+        if len(candidates) == 1:
+            upstream, health, keys = candidates[0]
         else:
-            upstream, keys = _weighted(group, self._number(sticky, ""))
-        self.health[upstream.name].sent(now)
-        key = keys[int(self._number(sticky, upstream.name) * len(keys))] if keys else None
-        return Choice(upstream, key)
+            best = min(member[0].priority for member in candidates)
+            group = [member for member in candidates if member[0].priority == best]
+            if model is None or len(group) == 1:
+                upstream, health, keys = group[0]
+            else:
+                upstream, health, keys = _weighted(group, self._number(sticky, ""))
+        health.sent(now)
+        if len(keys) > 1:
+            return Choice(upstream, keys[int(self._number(sticky, upstream.name) * len(keys))])
+        return Choice(upstream, keys[0] if keys else None)
 
     def report(self) -> list[dict[str, object]]:
         """
@@ -219,11 +232,9 @@ def _state(state: str, left: float, **fields: object) -> dict[str, object]:
     return document
 
 
-def _weighted(
-    group: list[tuple[UpstreamEntry, list[UpstreamKey]]], number: float
-) -> tuple[UpstreamEntry, list[UpstreamKey]]:
+def _weighted(group: list[_Candidate], number: float) -> _Candidate:
     """The member of ``group`` that ``number`` (in ``[0, 1)``) falls on, by weight."""
-    total = sum(upstream.weight for upstream, _ in group)
+    total = sum(member[0].weight for member in group)
     point = number * total
     for member in group:
         point -= member[0].weight

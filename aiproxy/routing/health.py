@@ -102,7 +102,7 @@ class UpstreamHealth:
 
     def sent(self, now: float) -> None:
         """A request is going to it: if half-open, that request is the probe."""
-        if self.state(now) == HALF_OPEN:
+        if self.ejections and self.state(now) == HALF_OPEN:
             self.probing = True
 
     def succeeded(self) -> None:

@@ -380,3 +380,14 @@ def test_upstream_keys_without_access_keys_are_no_open_relay() -> None:
     assert access_policy(public, upstream_keys=False).credentials is None
     assert access_policy(Config(listen=("tcp:8080:interface=127.0.0.1",)), upstream_keys=True)
     assert access_policy(Config(listen=("tcp:8080",), auth="none"), upstream_keys=True)
+
+
+def test_an_upstream_without_keys_is_not_skipped_for_tried_keys() -> None:
+    """Regression: after a key of ``a`` failed, ``b`` (which has no keys: its clients'
+    own credentials pass) is still a choice."""
+    chooser, _ = router(
+        TWO.replace('key_envs = ["B_KEY"]', "").replace('models = ["claude-*"]', "")
+    )
+    a = chooser.upstreams[0]
+    tried = {k.fingerprint for k in a.keys}
+    assert choice(chooser.choose("m", tried_keys=tried)) == Choice(chooser.upstreams[1], None)
