@@ -598,3 +598,31 @@ async def test_an_embedded_resource_routes_to_the_upstreams(
         await within(port.stopListening(), 5)
         await within(routes.close(), 5)
         await within(pool.close(), 5)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_over_from_a_429_keeps_the_connection(
+    fakes: dict[str, Fake], route: Callable[..., Proxy], agent: Agent
+) -> None:
+    """``a`` answers every request ``429`` (``retry-after-ms: 0``): each request fails
+    over to ``b``, and ``a``'s small error body is read, not its connection closed: ten
+    failovers use one connection to ``a``."""
+    a, b = fakes["a"], fakes["b"]
+    channels: set[int] = set()  # the proxy's ports, one per connection
+
+    def limited(request: Request) -> bytes:
+        channels.add(request.getClientAddress().port)  # type: ignore[attr-defined]
+        request.setResponseCode(429)
+        request.setHeader(b"retry-after-ms", b"0")
+        return b'{"error": {"message": "slow down", "type": "tokens"}}'
+
+    a.upstream.rule = limited
+    proxy = route(
+        {"name": "a", "url": a.url, "keys": ["sk-a"]},
+        {"name": "b", "url": b.url, "keys": ["sk-b"], "priority": 1},
+    )
+    for _ in range(10):
+        answer = await send(agent, proxy)
+        assert (answer.status, answer.upstream) == (200, "b")
+    assert (a.requests, b.requests) == (10, 10)
+    assert len(channels) == 1
