@@ -22,7 +22,14 @@ from aiproxy.access.limits import (
 from aiproxy.config import Config
 from aiproxy.core.activity import Activity
 from aiproxy.core.interfaces import Endpoint, Incoming, LocalResponse, RawHeaders
-from aiproxy.errors import AccessRefused, ProxyError, api_error_body, error_body
+from aiproxy.errors import (
+    AccessRefused,
+    ModelNotServed,
+    NoUpstreamAvailable,
+    ProxyError,
+    api_error_body,
+    error_body,
+)
 
 __all__ = [
     "OWN_METHODS",
@@ -32,6 +39,8 @@ __all__ = [
     "health_endpoint",
     "http_date",
     "json_response",
+    "model_not_served_response",
+    "no_upstream_response",
     "ping_endpoint",
     "rate_limit_response",
 ]
@@ -95,6 +104,30 @@ def rate_limit_response(refusal: Refusal, key_id: str, anthropic: bool) -> Local
         kind = "insufficient_quota" if daily else refusal.kind
         document = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return LocalResponse(429, headers, json.dumps(document).encode())
+
+
+def model_not_served_response(model: str, anthropic: bool) -> LocalResponse:
+    """The ``404`` for a model no upstream of ``UPSTREAMS_FILE`` serves, in the API's
+    dialect (OpenAI's ``code: "model_not_found"``); a long name is cut short."""
+    shown = model if len(model) <= 100 else model[:100] + "..."
+    refusal = ModelNotServed(
+        f"The model {shown!r} is not served by this proxy.", "model_not_found", "model"
+    )
+    return access_refusal_response(refusal, anthropic)
+
+
+def no_upstream_response(request_id: bytes, wait: float) -> LocalResponse:
+    """The ``503 upstream_unavailable`` when every upstream that serves a request is
+    unavailable; ``Retry-After`` is ``wait`` rounded up (none if it is infinite: every
+    key disabled until the file is reloaded)."""
+    error = NoUpstreamAvailable(
+        "every upstream that serves this request is unavailable for now (cooling down"
+        " after 429s, failing, or its keys refused); retry later"
+    )
+    response = error_response(error, request_id)
+    if wait != math.inf:
+        response.headers.append((b"Retry-After", b"%d" % max(1, math.ceil(wait))))
+    return response
 
 
 _LIMIT_NAMES = {

@@ -9,7 +9,6 @@ same way: the completion record is filled in, logged and counted once.
 
 from __future__ import annotations
 
-import math
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -21,9 +20,10 @@ from aiproxy.access.gate import speaks_anthropic
 from aiproxy.access.limits import Admitted, Refusal, has_limits, token_estimate
 from aiproxy.access.redis import Unavailable as LimiterUnavailable
 from aiproxy.core.endpoints import (
-    access_refusal_response,
     error_response,
     http_date,
+    model_not_served_response,
+    no_upstream_response,
     rate_limit_response,
 )
 from aiproxy.core.failures import Retry, classify, describe
@@ -37,14 +37,7 @@ from aiproxy.core.interfaces import (
     UpstreamResponse,
 )
 from aiproxy.core.tunnel import Tunnel
-from aiproxy.errors import (
-    InternalError,
-    ModelNotServed,
-    NoUpstreamAvailable,
-    ProxyError,
-    RateLimiterUnavailable,
-    UpstreamTimeout,
-)
+from aiproxy.errors import InternalError, ProxyError, RateLimiterUnavailable, UpstreamTimeout
 from aiproxy.ops.logger import log
 from aiproxy.routing.choose import Choice, NotServed, Router, Unavailable
 from aiproxy.rules.cors import add_response_headers, response_headers
@@ -414,27 +407,15 @@ class ProxyExchange(_Handled):
 
     def _not_served(self, model: str) -> None:
         """Answer ``404 model_not_found``: no upstream serves ``model``."""
-        shown = model if len(model) <= 100 else model[:100] + "..."
-        refusal = ModelNotServed(
-            f"The model {shown!r} is not served by this proxy.", "model_not_found", "model"
-        )
         anthropic = speaks_anthropic(self.request.target.partition(b"?")[0])
-        self.answer(access_refusal_response(refusal, anthropic))
+        self.answer(model_not_served_response(model, anthropic))
 
     def _unavailable(self, unavailable: Unavailable) -> None:
         """Answer ``503``: every upstream that serves the request is cooling down,
         ejected or without a usable key; ``Retry-After`` says until when."""
         self.request.record.upstream_error = "no_upstream_available"
-        error = NoUpstreamAvailable(
-            "every upstream that serves this request is unavailable for now (cooling down"
-            " after 429s, failing, or its keys refused); retry later"
-        )
-        response = error_response(error, self.request.request_id)
         wait = unavailable.retry_after
-        if wait != float("inf"):
-            seconds = max(1, math.ceil(wait))
-            response.headers.append((b"Retry-After", b"%d" % seconds))
-        self.answer(response)
+        self.answer(no_upstream_response(self.request.request_id, wait))
 
     def _retry(self, delay: float, reason: str) -> bool:
         """Send the request again after ``delay`` unless that is too late; whether it will."""

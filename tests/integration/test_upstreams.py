@@ -626,3 +626,39 @@ async def test_failing_over_from_a_429_keeps_the_connection(
         assert (answer.status, answer.upstream) == (200, "b")
     assert (a.requests, b.requests) == (10, 10)
     assert len(channels) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_sticky_upstreams_keep_each_access_key_on_one_upstream_key(
+    fakes: dict[str, Fake], route: Callable[..., Proxy], agent: Agent, tmp_path: Path
+) -> None:
+    """``STICKY_UPSTREAMS``: every request of one access key reaches the same upstream
+    with the same upstream key; twenty access keys spread over both upstreams."""
+    a, b = fakes["a"], fakes["b"]
+    callers = {f"caller-{n}": new_key() for n in range(20)}
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        "".join(f'[[key]]\nid = "{i}"\nsha256 = "{key_digest(k)}"\n' for i, k in callers.items())
+    )
+    proxy = route(
+        {"name": "a", "url": a.url, "keys": ["sk-a-1", "sk-a-2"]},
+        {"name": "b", "url": b.url, "keys": ["sk-b-1", "sk-b-2"]},
+        access_keys_file=str(keys),
+        sticky_upstreams=True,
+    )
+
+    async def upstream_key_of(key: str) -> bytes:
+        """The upstream key that one request with access key ``key`` reached."""
+        headers = {b"authorization": [f"Bearer {key}".encode()]}
+        url = proxy.url + "/v1/chat/completions"
+        response, _ = await request(b"POST", url, headers, chat())
+        assert response.code == 200
+        reached = fakes[(header(response, b"x-upstream") or b"?").decode()]
+        return reached.upstream.stats.credentials[-1]
+
+    first = callers["caller-0"]
+    assert len({await upstream_key_of(first) for _ in range(10)}) == 1
+    assert a.requests + b.requests == 10
+    for key in callers.values():
+        await upstream_key_of(key)
+    assert a.requests > 0 and b.requests > 0
