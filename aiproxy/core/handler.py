@@ -143,7 +143,7 @@ class ProxyCore:
         upstream_name_header: bool = True,
     ) -> None:
         self.target = target
-        self.route = Route.to(None, target, upstream)
+        self.route = Route.to(target, upstream)
         self.routes = routes
         self.failover_on_status = frozenset(failover_on_status)
         self.max_failovers = max_failovers

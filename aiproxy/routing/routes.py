@@ -41,19 +41,18 @@ class Route:
     """
     One upstream as requests reach it.
 
-    @ivar name: its name in the upstreams file; L{None} for ``TARGET_URL``.
     @ivar client: the connection pool its requests go through.
+    @ivar host: the ``Host`` header of its requests.
     """
 
-    name: str | None
     target: Target
     client: UpstreamClient
     host: bytes
 
     @classmethod
-    def to(cls, name: str | None, target: Target, client: UpstreamClient) -> Route:
+    def to(cls, target: Target, client: UpstreamClient) -> Route:
         """The route to ``target`` through ``client``."""
-        return cls(name, target, client, host_header(target))
+        return cls(target, client, host_header(target))
 
 
 class Routes:
@@ -121,7 +120,7 @@ class Routes:
             if was is not None and _same_pool(was, entry):
                 routes[entry.name] = old[entry.name]
             else:
-                routes[entry.name] = Route.to(entry.name, entry.target, self._pool_for(entry))
+                routes[entry.name] = Route.to(entry.target, self._pool_for(entry))
         self.routes = routes
         self.router = Router(entries, self._clock, self._pick)
         # One upstream serving every model: the model does not change the choice.
