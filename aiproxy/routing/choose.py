@@ -115,7 +115,7 @@ class Router:
             wait = health.available_in(now) if health.ejections else 0.0
             keys = [k for k, h in key_health if h.usable(now)]
             if key_health and not keys:
-                wait = max(wait, self._key_wait(upstream, now))
+                wait = max(wait, _key_wait(key_health, now))
             elif tried_keys and key_health:
                 keys = [k for k in keys if k.fingerprint not in tried_keys]
                 if not keys:
@@ -148,36 +148,19 @@ class Router:
         """
         now = self.clock.seconds()
         report: list[dict[str, object]] = []
-        for upstream in self.upstreams:
-            health = self.health[upstream.name]
+        for upstream, health, key_health in self._members:
             keys = [
-                _state(
-                    self.keys[upstream.name, k.fingerprint].state(now),
-                    self._key_left(k, upstream, now),
-                    fingerprint=k.fingerprint,
-                )
-                for k in upstream.keys
+                _state(h.state(now), h.seconds_left(now), fingerprint=k.fingerprint)
+                for k, h in key_health
             ]
             state = health.state(now)
             left = max(health.ejected_until - now, 0.0) if state == EJECTED else 0.0
             if state == HEALTHY and keys and all(k["state"] != HEALTHY for k in keys):
-                wait = self._key_wait(upstream, now)
+                wait = _key_wait(key_health, now)
                 state = DISABLED if wait == float("inf") else COOLING
                 left = 0.0 if state == DISABLED else wait
             report.append(_state(state, left, name=upstream.name, keys=keys))
         return report
-
-    def _key_left(self, key: UpstreamKey, upstream: UpstreamEntry, now: float) -> float:
-        return max(self.keys[upstream.name, key.fingerprint].cooling_until - now, 0.0)
-
-    def _key_wait(self, upstream: UpstreamEntry, now: float) -> float:
-        """Seconds until one of ``upstream``'s keys may be used; inf if all are disabled."""
-        waits = [
-            self.keys[upstream.name, k.fingerprint].cooling_until - now
-            for k in upstream.keys
-            if not self.keys[upstream.name, k.fingerprint].disabled
-        ]
-        return max(min(waits), 0.0) if waits else float("inf")
 
     def _number(self, sticky: str | None, salt: str) -> float:
         if sticky is None:
@@ -223,6 +206,12 @@ class Router:
         """The upstream answered ``401`` or ``403``: its key is disabled."""
         if choice.key is not None:
             self.keys[choice.upstream.name, choice.key.fingerprint].disable()
+
+
+def _key_wait(key_health: list[tuple[UpstreamKey, KeyHealth]], now: float) -> float:
+    """Seconds until one of an upstream's keys may be used; inf if all are disabled."""
+    waits = [h.seconds_left(now) for _, h in key_health if not h.disabled]
+    return min(waits) if waits else float("inf")
 
 
 def _state(state: str, left: float, **fields: object) -> dict[str, object]:

@@ -66,6 +66,10 @@ class KeyHealth:
             return DISABLED
         return COOLING if now < self.cooling_until else HEALTHY
 
+    def seconds_left(self, now: float) -> float:
+        """Seconds until its cooldown is over (0 if it is not cooling)."""
+        return max(self.cooling_until - now, 0.0)
+
     def usable(self, now: float) -> bool:
         """Whether a request may use this key now."""
         return not self.disabled and now >= self.cooling_until
